@@ -1,0 +1,32 @@
+"""The ``pipeline`` command: Hydra composes conf/config.yaml plus your overrides, then runs one job.
+
+    pipeline                                   # digits, pt storage, mlp, 5 epochs
+    pipeline source=synthetic storage=npy trainer.epochs=2
+    pipeline -m loader.batch_size=32,64 loader.num_workers=0,2     # a sweep: 4 child runs
+
+Returns the final val accuracy (the objective for Hydra sweepers).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import pipeline.config  # noqa: F401  registers the schemas and the project_root resolver
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the MLflow run ends KILLED
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    from pipeline.job import run
+
+    signal.signal(signal.SIGTERM, _terminate)
+    return run(cfg)["val/accuracy"]

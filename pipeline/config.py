@@ -1,0 +1,300 @@
+"""Config schemas and semantic validation.
+
+Every config group option in ``conf/`` extends one of the dataclasses below (registered in Hydra's
+ConfigStore as ``base_*``), so a wrong type or an unknown key fails when Hydra composes the config.
+``validate(cfg)`` then checks values against each other and against what the code supports, and raises
+``ConfigError`` naming the key, the value given and what would be valid -- before any data work starts.
+
+    from pipeline.config import validate
+    validate(cfg)  # raises ConfigError("loader.batch_size=0: must be an integer >= 1")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def project_root() -> str:
+    """Where ``outputs/`` lives: $PIPELINE_ROOT, else the source checkout, else the working directory."""
+    if os.environ.get("PIPELINE_ROOT"):
+        return str(Path(os.environ["PIPELINE_ROOT"]).resolve())
+    checkout = PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").exists() and (checkout / "conf").is_dir():
+        return str(checkout)
+    return str(Path.cwd())
+
+
+OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is valid."""
+
+    def __init__(self, key: str, value: Any, valid: str):
+        self.key, self.value, self.valid = key, value, valid
+        super().__init__(f"Invalid config: {key}={value!r} -- {valid}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DigitsConfig(SourceConfig):
+    name: str = "digits"
+
+
+@dataclass
+class LFWConfig(SourceConfig):
+    name: str = "lfw"
+    data_home: Optional[str] = None  # scikit-learn's cache folder; default ~/scikit_learn_data
+    min_faces_per_person: int = 0
+    resize: float = 0.5
+    color: bool = False
+    funneled: bool = True
+    download_if_missing: bool = True
+    download_timeout_s: float = 20.0
+
+
+@dataclass
+class SyntheticConfig(SourceConfig):
+    name: str = "synthetic"
+    num_samples: int = 10_000
+    shape: List[int] = field(default_factory=lambda: [62, 47])
+    num_classes: int = 10
+    dtype: str = "float32"
+    seed: int = 0
+    noise: float = 1.0
+    block_size: int = 1024  # samples generated per block; part of the data's definition
+
+
+@dataclass
+class StorageConfig:
+    name: str = MISSING
+
+
+@dataclass
+class PtStorageConfig(StorageConfig):
+    name: str = "pt"
+
+
+@dataclass
+class NpyStorageConfig(StorageConfig):
+    name: str = "npy"
+
+
+@dataclass
+class SplitConfig:
+    ratio: float = 0.8
+    seed: int = 0
+    stratify: bool = True
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    shuffle: bool = True
+    num_workers: int = 0
+    pin_memory: str = "auto"  # auto (only with CUDA) | true | false
+    prefetch_factor: int = 2  # passed only when num_workers > 0
+    persistent_workers: bool = False  # passed only when num_workers > 0
+    drop_last: bool = False
+    multiprocessing_context: str = "auto"  # auto (fork where available) | fork | spawn | forkserver
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    name: str = "cnn"
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    hidden: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    experiment: str = "pipeline"
+    artifact_location: Optional[str] = None  # used only when a local store creates the experiment
+    run_name: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    outputs: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    source: Any = MISSING
+    storage: Any = MISSING
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, name, node in [
+        ("source", "base_digits", DigitsConfig),
+        ("source", "base_lfw", LFWConfig),
+        ("source", "base_synthetic", SyntheticConfig),
+        ("storage", "base_pt", PtStorageConfig),
+        ("storage", "base_npy", NpyStorageConfig),
+        ("split", "base_split", SplitConfig),
+        ("loader", "base_loader", LoaderConfig),
+        ("model", "base_mlp", MLPConfig),
+        ("model", "base_cnn", CNNConfig),
+        ("trainer", "base_trainer", TrainerConfig),
+        ("tracking", "base_tracking", TrackingConfig),
+        ("paths", "base_paths", PathsConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)
+
+
+register_configs()
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+SYNTHETIC_DTYPES = ("float16", "float32", "float64", "uint8")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+MP_CONTEXTS = ("auto", "fork", "spawn", "forkserver")
+TRISTATE = ("auto", "true", "false")
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, valid)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    v = OmegaConf.select(cfg, key)
+    _check(_is_int(v) and v >= minimum, key, v, f"must be an integer >= {minimum}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every user-settable value; raise ConfigError on the first bad one."""
+    from pipeline.models import MODELS
+    from pipeline.sources import SOURCES
+    from pipeline.storage import FORMATS
+
+    src, sto = cfg.source, cfg.storage
+    _check(src.name in SOURCES, "source.name", src.name, f"one of {sorted(SOURCES)}")
+    _check(sto.name in FORMATS, "storage.name", sto.name, f"one of {sorted(FORMATS)}")
+    _check(cfg.model.name in MODELS, "model.name", cfg.model.name, f"one of {sorted(MODELS)}")
+
+    if src.name == "synthetic":
+        _positive_int(cfg, "source.num_samples", 2)
+        _positive_int(cfg, "source.num_classes", 1)
+        _positive_int(cfg, "source.block_size", 1)
+        shape = list(src.shape)
+        _check(
+            len(shape) >= 1 and all(_is_int(d) and d >= 1 for d in shape),
+            "source.shape",
+            shape,
+            "a non-empty list of integers >= 1, e.g. [62, 47]",
+        )
+        _check(
+            src.dtype in SYNTHETIC_DTYPES, "source.dtype", src.dtype, f"one of {SYNTHETIC_DTYPES}"
+        )
+        _check(src.noise >= 0, "source.noise", src.noise, "must be >= 0")
+    if src.name == "lfw":
+        _check(0 < src.resize <= 1.0, "source.resize", src.resize, "must be in (0, 1]")
+        _positive_int(cfg, "source.min_faces_per_person", 0)
+        _check(
+            src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0"
+        )
+
+    ratio = cfg.split.ratio
+    _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")
+
+    _positive_int(cfg, "loader.batch_size", 1)
+    _positive_int(cfg, "loader.num_workers", 0)
+    _positive_int(cfg, "loader.prefetch_factor", 1)
+    pin = str(cfg.loader.pin_memory).lower()
+    _check(pin in TRISTATE, "loader.pin_memory", cfg.loader.pin_memory, f"one of {TRISTATE}")
+    ctx = cfg.loader.multiprocessing_context
+    _check(ctx in MP_CONTEXTS, "loader.multiprocessing_context", ctx, f"one of {MP_CONTEXTS}")
+
+    _positive_int(cfg, "trainer.epochs", 1)
+    _check(cfg.trainer.lr > 0, "trainer.lr", cfg.trainer.lr, "must be > 0, e.g. 0.001")
+    _check(cfg.trainer.weight_decay >= 0, "trainer.weight_decay", cfg.trainer.weight_decay, ">= 0")
+    opt = cfg.trainer.optimizer
+    _check(opt in OPTIMIZERS, "trainer.optimizer", opt, f"one of {OPTIMIZERS}")
+    dev = cfg.trainer.device
+    _check(
+        dev in ("auto", "cpu", "cuda", "mps") or str(dev).startswith("cuda:"),
+        "trainer.device",
+        dev,
+        "auto | cpu | cuda | cuda:N | mps",
+    )
+
+    model = cfg.model
+    for key in ("hidden", "channels"):
+        if key in model and OmegaConf.is_list(model[key]):
+            vals = list(model[key])
+            _check(
+                len(vals) >= 1 and all(_is_int(v) and v >= 1 for v in vals),
+                f"model.{key}",
+                vals,
+                "a non-empty list of integers >= 1",
+            )
+    if model.name == "cnn":
+        _positive_int(cfg, "model.hidden", 1)
+        if src.name == "synthetic":
+            _check(
+                len(src.shape) in (2, 3),
+                "source.shape",
+                list(src.shape),
+                "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
+            )
+    _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")

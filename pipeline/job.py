@@ -1,0 +1,129 @@
+"""One job: validate the config, then export -> partition -> load -> train, all tracked in MLflow.
+
+    from pipeline.job import run
+    final_metrics = run(cfg)     # cfg composed by Hydra (cli.py) or by pipeline.api
+
+Each stage is a plain function of its config subtree; this module only wires them together and
+records what they did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError, validate
+from pipeline.export import MANIFEST, export
+from pipeline.loading import build_loader
+from pipeline.memory import MemorySampler
+from pipeline.models import build_model
+from pipeline.partition import partition, save_split
+from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, git_info, prepare_store
+from pipeline.train import fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_overrides() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return " ".join(HydraConfig.get().overrides.task)
+
+
+def _run_name(cfg: DictConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.source.name}-{cfg.storage.name}-{cfg.model.name}"
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    uri = cfg.tracking.uri
+    experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    tags = {
+        "pipeline.role": "job",
+        "hydra.overrides": _hydra_overrides(),
+        **git_info(cfg.paths.root),
+    }
+    with TrackedRun(uri, experiment_id, _run_name(cfg), os.environ.get(PARENT_ENV), tags) as tr:
+        log.info("MLflow: run %s in %s", tr.run_id, uri)
+        tr.log_params(flatten(cfg))
+        tr.log_artifact(output_dir / ".hydra", "hydra")
+        try:
+            return _stages(cfg, tr, output_dir)
+        finally:
+            for logfile in output_dir.glob("*.log"):
+                tr.log_artifact(logfile)
+
+
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
+    tr.set_tags(
+        {
+            "data.fingerprint": exp.fingerprint,
+            "data.dir": str(exp.root),
+            "data.reused": str(exp.reused).lower(),
+            "data.content_sha256": exp.manifest["content_sha256"],
+        }
+    )
+    tr.log_artifact(exp.root / MANIFEST, "data")
+
+    split = partition(exp.labels, cfg.split)
+    tr.log_artifact(save_split(split, output_dir / "split.npz"))
+    tr.set_tags({"split.digest": split.digest, "split.stratified": str(split.stratified).lower()})
+    tr.log_params(
+        {
+            "data.num_samples": len(exp.labels),
+            "data.num_train": len(split.train),
+            "data.num_val": len(split.val),
+        }
+    )
+    if cfg.loader.drop_last and cfg.loader.batch_size > len(split.train):
+        raise ConfigError(
+            "loader.batch_size",
+            cfg.loader.batch_size,
+            f"with drop_last=true it must be <= the {len(split.train)} train samples",
+        )
+
+    device = resolve_device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    seed = cfg.trainer.seed
+    train_loader = build_loader(
+        exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=device
+    )
+    val_loader = build_loader(
+        exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device
+    )
+    model = build_model(cfg.model, exp.spec)
+    log.info(
+        "train: %d train / %d val samples, %s on %s",
+        len(split.train),
+        len(split.val),
+        cfg.model.name,
+        device,
+    )
+    with MemorySampler() as memory:
+        final = fit(
+            model,
+            train_loader,
+            val_loader,
+            cfg.trainer,
+            device=device,
+            memory=memory,
+            on_epoch=lambda epoch, metrics: tr.log_metrics(metrics, step=epoch),
+        )
+    tr.log_metrics(
+        {
+            "memory/peak_used_mb": memory.peak["used_mb"],
+            "memory/peak_mapped_file_mb": memory.peak["mapped_file_mb"],
+            "memory/peak_rss_main_mb": memory.peak["rss_main_mb"],
+            "train/samples_seen": final["train/samples_seen"],
+        },
+        step=cfg.trainer.epochs - 1,
+    )
+    return final

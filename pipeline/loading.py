@@ -1,0 +1,61 @@
+"""Load stage: DataLoaders over the exported train and val ids, built from the ``loader`` config.
+
+    from pipeline.loading import build_loader
+    train_loader = build_loader(train_ds, cfg.loader, seed=cfg.trainer.seed, train=True, device=dev)
+
+Shuffling draws from a ``torch.Generator`` seeded from the trainer seed, and each worker seeds
+numpy and ``random`` from its torch seed, so a rerun sees the same order. ``prefetch_factor`` and
+``persistent_workers`` are passed only with workers (DataLoader rejects them otherwise);
+``pin_memory=auto`` pins only when training on CUDA; ``multiprocessing_context=auto`` forks where
+the platform can (launchers such as joblib change the default start method to one DataLoader
+workers cannot use).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+
+def seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _pin_memory(setting, device: torch.device) -> bool:
+    setting = str(setting).lower()
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "true"
+
+
+def _mp_context(setting: str):
+    if setting == "auto":
+        return "fork" if "fork" in mp.get_all_start_methods() else None
+    return setting
+
+
+def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) + (0 if train else 1))
+    kwargs = dict(
+        batch_size=cfg.batch_size,
+        shuffle=bool(cfg.shuffle) if train else False,
+        drop_last=bool(cfg.drop_last) if train else False,
+        num_workers=cfg.num_workers,
+        pin_memory=_pin_memory(cfg.pin_memory, device),
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
+    if cfg.num_workers > 0:
+        kwargs.update(
+            prefetch_factor=cfg.prefetch_factor,
+            persistent_workers=bool(cfg.persistent_workers),
+            multiprocessing_context=_mp_context(cfg.multiprocessing_context),
+        )
+    return DataLoader(dataset, **kwargs)

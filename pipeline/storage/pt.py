@@ -1,0 +1,22 @@
+"""``pt``: one ``torch.save`` file per sample -- the classic recipe, and the slowest to read."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.storage.per_sample import PerSampleDataset, PerSampleWriter
+
+
+class Writer(PerSampleWriter):
+    ext = "pt"
+
+    def save(self, sample: np.ndarray, path) -> None:
+        torch.save(torch.from_numpy(sample), path)
+
+
+class Dataset(PerSampleDataset):
+    ext = "pt"
+
+    def load(self, path) -> torch.Tensor:
+        return torch.load(path, weights_only=True)

@@ -1,0 +1,233 @@
+"""MLflow tracking: the store, one run per job, and a parent run per multirun sweep.
+
+    from pipeline.tracking import prepare_store, TrackedRun
+    exp_id = prepare_store(uri, "pipeline", artifact_location)
+    with TrackedRun(uri, exp_id, run_name="demo") as run:
+        run.log_params({"loader.batch_size": 64})
+        run.log_metrics({"train/loss": 0.3}, step=0)
+
+Everything goes through ``MlflowClient`` with an explicit run id, so no global "active run" leaks
+between jobs that Hydra's basic launcher runs in one process. A run that raises ends FAILED; one
+interrupted (Ctrl-C, SIGTERM) ends KILLED; never RUNNING.
+
+``SweepCallback`` (wired in conf/hydra/default.yaml) creates the store, the experiment and the parent
+run once, in the launching process, before any job starts -- a brand-new SQLite store hit by several
+jobs at once breaks during schema creation -- and hands the parent's id to the jobs through the
+environment variable ``PIPELINE_MLFLOW_PARENT_RUN_ID``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
+PARAM_VALUE_MAX = 6000
+BATCH = 100
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def prepare_store(uri: str, experiment: str, artifact_location: str | None = None) -> str:
+    """Create the store and the experiment if needed; return the experiment id.
+
+    Fails at once, naming the URI, when the store cannot be reached or written.
+    """
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_location and _is_local(uri):
+                location = Path(artifact_location).resolve().as_uri()
+            try:
+                return client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # another process created it a moment ago
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"MLflow experiment {experiment!r} in {uri} is deleted; restore it or set "
+                "tracking.experiment to another name"
+            )
+        return exp.experiment_id
+    except TrackingError:
+        raise
+    except Exception as err:
+        raise TrackingError(
+            f"MLflow tracking store {uri} cannot be used: {type(err).__name__}: {err}. "
+            "Check tracking.uri / MLFLOW_TRACKING_URI"
+        ) from err
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"}; lists stay one value."""
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:PARAM_VALUE_MAX]
+    return out
+
+
+def git_info(root: str | Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+class TrackedRun:
+    """One MLflow run; a context manager that always ends it with the right status."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        self.uri, self.experiment_id, self.run_name = uri, experiment_id, run_name
+        self.parent_run_id = parent_run_id
+        self.tags = dict(tags or {})
+        self.client = _client(uri)
+        self.run_id: str | None = None
+
+    def start(self) -> "TrackedRun":
+        tags = dict(self.tags)
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> "TrackedRun":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+            return
+        interrupted = issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        try:
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+        finally:
+            self.end("KILLED" if interrupted else "FAILED")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:PARAM_VALUE_MAX]) for k, v in params.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class SweepCallback(Callback):
+    """Parent MLflow run for a Hydra multirun; its jobs become its children."""
+
+    def __init__(self) -> None:
+        self.uri: str | None = None
+        self.parent_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        self.uri = config.tracking.uri
+        exp_id = prepare_store(
+            self.uri, config.tracking.experiment, config.tracking.artifact_location
+        )
+        overrides = " ".join(config.hydra.overrides.task)
+        name = config.tracking.run_name or f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        run = _client(self.uri).create_run(
+            exp_id,
+            run_name=name,
+            tags={
+                "pipeline.role": "sweep",
+                "hydra.overrides": overrides,
+                "hydra.sweep_dir": str(config.hydra.sweep.dir),
+            },
+        )
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.parent_id
+        atexit.register(self._finish)  # a failing job skips on_multirun_end
+        log.info("MLflow: sweep parent run %s in %s", self.parent_id, self.uri)
+
+    def _finish(self) -> None:
+        if self.parent_id is None:
+            return
+        client = _client(self.uri)
+        children = client.search_runs(
+            [client.get_run(self.parent_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
+        )
+        ok = children and all(r.info.status == "FINISHED" for r in children)
+        client.set_terminated(self.parent_id, status="FINISHED" if ok else "FAILED")
+        os.environ.pop(PARENT_ENV, None)
+        self.parent_id = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish()
+        atexit.unregister(self._finish)

@@ -1,0 +1,153 @@
+"""Train stage: the epoch loop and its per-epoch metrics.
+
+    from pipeline.train import fit
+    final = fit(model, train_loader, val_loader, cfg.trainer, device=device,
+                memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
+
+Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
+``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
+(share of the train pass spent waiting for the next batch), ``perf/data_wait_seconds``,
+``perf/compute_seconds``, ``perf/val_seconds`` and, with a memory sampler, the epoch's peak
+``memory/used_mb``, ``memory/mapped_file_mb`` and ``memory/rss_main_mb``. At the end the number of
+train samples seen is checked against len(train) x epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={setting} but CUDA is not available; use auto or cpu")
+    return device
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
+
+
+def expected_samples(n_train: int, batch_size: int, drop_last: bool, epochs: int) -> int:
+    per_epoch = (n_train // batch_size) * batch_size if drop_last else n_train
+    return per_epoch * epochs
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        total += loss_fn(out, y)
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return (total.item() / max(n, 1), correct.item() / max(n, 1))
+
+
+def fit(
+    model,
+    train_loader,
+    val_loader,
+    cfg,
+    *,
+    device: torch.device,
+    memory=None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    samples_seen = 0
+    metrics: dict = {}
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        n = 0
+        wait = 0.0
+        t0 = time.perf_counter()
+        batches = iter(train_loader)
+        while True:
+            tw = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - tw
+            if n == 0 and memory is not None:
+                memory.sample()  # workers are alive now, however short the epoch
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+            n += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - t0
+        samples_seen += n
+        tv = time.perf_counter()
+        val_loss, val_acc = evaluate(model, val_loader, device)
+        metrics = {
+            "train/loss": total.item() / max(n, 1),
+            "train/accuracy": correct.item() / max(n, 1),
+            "val/loss": val_loss,
+            "val/accuracy": val_acc,
+            "perf/epoch_seconds": train_s,
+            "perf/train_samples_per_s": n / train_s if train_s > 0 else 0.0,
+            "perf/data_wait_fraction": wait / train_s if train_s > 0 else 0.0,
+            "perf/data_wait_seconds": wait,
+            "perf/compute_seconds": train_s - wait,
+            "perf/val_seconds": time.perf_counter() - tv,
+        }
+        if memory is not None:
+            metrics.update({f"memory/{k}": v for k, v in memory.take_epoch().items()})
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.0f samples/s, "
+            "%.0f%% waiting for data",
+            epoch + 1,
+            cfg.epochs,
+            metrics["train/loss"],
+            metrics["train/accuracy"],
+            val_loss,
+            val_acc,
+            metrics["perf/train_samples_per_s"],
+            100 * metrics["perf/data_wait_fraction"],
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    expected = expected_samples(
+        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, cfg.epochs
+    )
+    if samples_seen != expected:
+        raise RuntimeError(
+            f"saw {samples_seen} train samples, expected {expected} "
+            f"(len(train)={len(train_loader.dataset)} x {cfg.epochs} epochs)"
+        )
+    return {**metrics, "train/samples_seen": samples_seen}
