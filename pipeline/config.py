@@ -243,16 +243,12 @@ def validate(cfg: DictConfig) -> None:
             shape,
             "a non-empty list of integers >= 1, e.g. [62, 47]",
         )
-        _check(
-            src.dtype in SYNTHETIC_DTYPES, "source.dtype", src.dtype, f"one of {SYNTHETIC_DTYPES}"
-        )
+        _check(src.dtype in SYNTHETIC_DTYPES, "source.dtype", src.dtype, f"one of {SYNTHETIC_DTYPES}")
         _check(src.noise >= 0, "source.noise", src.noise, "must be >= 0")
     if src.name == "lfw":
         _check(0 < src.resize <= 1.0, "source.resize", src.resize, "must be in (0, 1]")
         _positive_int(cfg, "source.min_faces_per_person", 0)
-        _check(
-            src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0"
-        )
+        _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
 
     ratio = cfg.split.ratio
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")

@@ -199,13 +199,10 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         x = np.ascontiguousarray(x, dtype=spec.dtype)
         if x.shape[1:] != spec.shape or len(x) != len(y):
             raise ExportError(
-                f"source chunk has shape {x.shape} with {len(y)} labels; "
-                f"expected samples of {spec.shape}"
+                f"source chunk has shape {x.shape} with {len(y)} labels; expected samples of {spec.shape}"
             )
         if done + len(y) > spec.num_samples:
-            raise ExportError(
-                f"source yielded more than the {spec.num_samples} samples it declared"
-            )
+            raise ExportError(f"source yielded more than the {spec.num_samples} samples it declared")
         writer.write(x, y)
         labels[done : done + len(y)] = y
         digest.update(x.tobytes())

@@ -73,7 +73,5 @@ def build_model(cfg, spec) -> nn.Module:
     if cfg.name == "mlp":
         return MLP(spec.shape, spec.num_classes, list(cfg.hidden), cfg.dropout, spec.dtype)
     if cfg.name == "cnn":
-        return CNN(
-            spec.shape, spec.num_classes, list(cfg.channels), cfg.hidden, cfg.dropout, spec.dtype
-        )
+        return CNN(spec.shape, spec.num_classes, list(cfg.channels), cfg.hidden, cfg.dropout, spec.dtype)
     raise ValueError(f"Unknown model {cfg.name!r}; valid: {list(MODELS)}")

@@ -196,9 +196,7 @@ class SweepCallback(Callback):
 
         HydraConfig.instance().set_config(config)
         self.uri = config.tracking.uri
-        exp_id = prepare_store(
-            self.uri, config.tracking.experiment, config.tracking.artifact_location
-        )
+        exp_id = prepare_store(self.uri, config.tracking.experiment, config.tracking.artifact_location)
         overrides = " ".join(config.hydra.overrides.task)
         name = config.tracking.run_name or f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}"
         run = _client(self.uri).create_run(

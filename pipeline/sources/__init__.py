@@ -52,9 +52,7 @@ def build_source(cfg) -> Source:
     return importlib.import_module(SOURCES[cfg.name]).build(cfg)
 
 
-def chunked(
-    x: np.ndarray, y: np.ndarray, chunk: int = 4096
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def chunked(x: np.ndarray, y: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Chunks of arrays that a source already holds in memory."""
     for start in range(0, len(y), chunk):
         yield x[start : start + chunk], y[start : start + chunk]
