@@ -145,6 +145,10 @@ class TrainerConfig:
     momentum: float = 0.9  # sgd only
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
+    checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
 
 
 @dataclass
@@ -153,6 +157,7 @@ class TrackingConfig:
     experiment: str = "pipeline"
     artifact_location: Optional[str] = None  # used only when a local store creates the experiment
     run_name: Optional[str] = None
+    log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
 
 
 @dataclass
@@ -262,6 +267,14 @@ def validate(cfg: DictConfig) -> None:
     _check(ctx in MP_CONTEXTS, "loader.multiprocessing_context", ctx, f"one of {MP_CONTEXTS}")
 
     _positive_int(cfg, "trainer.epochs", 1)
+    _positive_int(cfg, "trainer.keep_checkpoints", 0)
+    resume = cfg.trainer.resume
+    _check(
+        resume is None or (isinstance(resume, str) and resume.strip() != ""),
+        "trainer.resume",
+        resume,
+        "null, an MLflow run id, a run directory or a checkpoint file",
+    )
     _check(cfg.trainer.lr > 0, "trainer.lr", cfg.trainer.lr, "must be > 0, e.g. 0.001")
     _check(cfg.trainer.weight_decay >= 0, "trainer.weight_decay", cfg.trainer.weight_decay, ">= 0")
     opt = cfg.trainer.optimizer

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
+from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
+from pipeline.lineage import lineage_tags
 from pipeline.loading import build_loader
+from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
-from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, git_info, prepare_store
-from pipeline.train import fit, resolve_device
+from pipeline.resume import open_resume, snapshot
+from pipeline.seeding import seed_everything
+from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, prepare_store
+from pipeline.train import build_optimizer, expected_samples, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +49,27 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
+    resume = open_resume(cfg)  # a bad trainer.resume fails before any work
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tags = {
         "pipeline.role": "job",
         "hydra.overrides": _hydra_overrides(),
-        **git_info(cfg.paths.root),
+        **lineage_tags(cfg),
     }
     with TrackedRun(uri, experiment_id, _run_name(cfg), os.environ.get(PARENT_ENV), tags) as tr:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
+        if resume is not None:
+            resume.link(tr)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
         try:
-            return _stages(cfg, tr, output_dir)
+            return _stages(cfg, tr, output_dir, resume)
         finally:
             for logfile in output_dir.glob("*.log"):
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> dict:
     exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
     tr.set_tags(
         {
@@ -91,15 +99,18 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         )
 
     device = resolve_device(cfg.trainer.device)
-    torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
+    seed_everything(seed, cfg.trainer.deterministic)
     train_loader = build_loader(
         exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=device
     )
     val_loader = build_loader(
         exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device
     )
-    model = build_model(cfg.model, exp.spec)
+    model = build_model(cfg.model, exp.spec).to(device)
+    optimizer = build_optimizer(model, cfg.trainer)
+    start = resume.restore(model, optimizer, train_loader, val_loader) if resume else 0
+    history = resume.history if resume else []
     log.info(
         "train: %d train / %d val samples, %s on %s",
         len(split.train),
@@ -107,7 +118,16 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         cfg.model.name,
         device,
     )
-    with MemorySampler() as memory:
+    checkpoints = CheckpointDir(output_dir / DIRNAME, cfg.trainer.keep_checkpoints)
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        tr.log_metrics(metrics, step=epoch)
+        history.append(metrics)
+        if cfg.trainer.checkpoint:
+            state = snapshot(cfg, tr.run_id, model, optimizer, train_loader, val_loader, history)
+            checkpoints.save(epoch + 1, state)
+
+    with checkpoints if cfg.trainer.checkpoint else nullcontext(), MemorySampler() as memory:
         final = fit(
             model,
             train_loader,
@@ -115,8 +135,13 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
             cfg.trainer,
             device=device,
             memory=memory,
-            on_epoch=lambda epoch, metrics: tr.log_metrics(metrics, step=epoch),
+            on_epoch=on_epoch,
+            optimizer=optimizer,
+            start_epoch=start,
         )
+    final["train/samples_seen"] += expected_samples(
+        len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
+    )
     tr.log_metrics(
         {
             "memory/peak_used_mb": memory.peak["used_mb"],
@@ -126,4 +151,6 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         },
         step=cfg.trainer.epochs - 1,
     )
+    if cfg.tracking.log_model:
+        log_final_model(tr, model, cfg.model, exp.spec)
     return final
