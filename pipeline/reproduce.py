@@ -11,7 +11,7 @@ What it does:
    only say where a run lives (``paths.*``, ``hydra.*``, ``tracking.uri``,
    ``tracking.artifact_location``) and ``trainer.resume`` are dropped -- a resumed run is rerun in
    one go -- the rerun logs to the same tracking store, and its output dir is
-   ``<paths.outputs>/runs/reproduce-<run id>-<time>``; the data is (re)exported here, under this
+   ``<paths.outputs>/runs/reproduce-<run id>-<time>-<pid>``; the data is (re)exported here, under this
    project's ``paths.data_dir``, from the same source config;
 3. tags the new run ``pipeline.reproduces=<original run id>`` and ``pipeline.reproduce_result``;
 4. compares the per-epoch histories of every ``train/*`` and ``val/*`` metric step by step (exactly by
@@ -165,7 +165,8 @@ def reproduce(run_id: str, extra: list[str], tracking_uri: str | None, atol: flo
         raise ReproduceError(f"no run {run_id} in {uri}: {err}") from err
     overrides = rerun_overrides(fetch_overrides(client, run_id), extra)
     outputs = Path(str(_compose(overrides).paths.outputs))
-    run_dir = outputs / "runs" / f"reproduce-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = outputs / "runs" / f"reproduce-{run_id}-{stamp}"
     cmd = [sys.executable, "-m", "pipeline", *overrides, f"hydra.run.dir={run_dir}"]
     print(f"reproduce: rerunning {run_id} with overrides {overrides}", file=sys.stderr, flush=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
