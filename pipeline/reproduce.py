@@ -15,8 +15,9 @@ What it does:
    project's ``paths.data_dir``, from the same source config;
 3. tags the new run ``pipeline.reproduces=<original run id>`` and ``pipeline.reproduce_result``;
 4. compares the per-epoch histories of every ``train/*`` and ``val/*`` metric step by step (exactly by
-   default; ``--atol`` allows a tolerance), prints one line per metric and the lineage of both runs
-   (config hash, data content digest, split digest, git commit, versions) for context.
+   default; ``--atol`` allows a tolerance), prints one line per metric, the lineage of both runs
+   (config hash, data content digest, split digest, git commit, versions) and the config keys whose
+   logged values differ, for context.
 
 Timing and memory metrics (``perf/*``, ``memory/*``) are not compared: they never repeat exactly.
 Exit status: 0 all compared metrics match, 1 a metric diverges (or is missing) or the rerun failed,
@@ -151,6 +152,16 @@ def report(original, rerun, rows: list[dict], out=sys.stdout) -> None:
         a, b = original.data.tags.get(tag, "-"), rerun.data.tags.get(tag, "-")
         note = "" if a == b else "  (differs)"
         print(f"{tag:<24} {a[:32]:<34} {b[:32]:<34}{note}", file=out)
+    diffs = config_differences(original.data.params, rerun.data.params)
+    print(f"\nconfig keys that differ (paths/tracking not shown): {len(diffs)}", file=out)
+    for key, a, b in diffs:
+        print(f"  {key}: {a} -> {b}", file=out)
+
+
+def config_differences(a: dict[str, str], b: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(key, original, rerun) for the logged params that differ, location keys left out."""
+    keys = sorted(k for k in set(a) | set(b) if not k.startswith(("paths.", "tracking.")))
+    return [(k, a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k) != b.get(k)]
 
 
 def reproduce(run_id: str, extra: list[str], tracking_uri: str | None, atol: float) -> int:

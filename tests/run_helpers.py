@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import compose_cfg, sqlite_uri
+from tests.conftest import compose_cfg, sqlite_uri
 
 # small and quick: digits, one .npy per sample, a small MLP with dropout (so the global torch RNG
 # matters), no model artifact unless a test asks for it

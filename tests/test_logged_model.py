@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from conftest import compose_cfg, sqlite_uri
-from run_helpers import FAST, client, run_job
 
 from pipeline.export import export
 from pipeline.loading import build_loader
 from pipeline.logged_model import load_logged_model
 from pipeline.partition import load_split
 from pipeline.train import evaluate
+from tests.conftest import compose_cfg, sqlite_uri
+from tests.run_helpers import FAST, client, run_job
 
 
 def test_logged_model_reproduces_the_logged_val_metrics(tmp_path, monkeypatch):

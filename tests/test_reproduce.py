@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, sqlite_uri
-from run_helpers import FAST, client, run_job
 
 from pipeline.reproduce import compare, main, rerun_overrides
+from tests.conftest import REPO, run_cli, sqlite_uri
+from tests.run_helpers import FAST, client, run_job
 
 
 def test_rerun_overrides_drop_locations_and_resume_and_append_extras():

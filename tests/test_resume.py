@@ -11,28 +11,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_cfg, sqlite_uri
-from run_helpers import FAST, client, histories, run_id_for, run_job
 
 from pipeline.checkpoint import CheckpointDir, CheckpointError, list_checkpoints, load_checkpoint
 from pipeline.config import ConfigError
 from pipeline.resume import open_resume
-
-
-def test_checkpoints_are_complete_weights_only_files_pruned_to_keep(tmp_path):
-    run_job(tmp_path, ["trainer.epochs=3", "trainer.keep_checkpoints=2"])
-    folder = tmp_path / "run" / "checkpoints"
-    assert [e for e, _ in list_checkpoints(folder)] == [2, 3]
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
-    state = load_checkpoint(folder / "epoch_0003.pt")  # torch.load(weights_only=True) inside
-    assert state["epoch"] == 3 and len(state["history"]) == 3
-    assert {"model", "optimizer", "rng", "config", "run_id"} <= set(state)
-    assert isinstance(state["rng"]["generators"]["train"], torch.Tensor)
+from tests.conftest import REPO, compose_cfg, sqlite_uri
+from tests.run_helpers import FAST, client, histories, run_id_for, run_job
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    """Train 2 epochs, then resume to 4: every per-epoch metric equals a straight 4-epoch run."""
+    """Checkpoints on disk; 2 epochs resumed to 4 give every per-epoch metric of a straight 4-epoch run."""
     full = run_job(tmp_path, ["trainer.epochs=4"], "full")
+    folder = tmp_path / "full" / "checkpoints"
+    assert [e for e, _ in list_checkpoints(folder)] == [3, 4]  # trainer.keep_checkpoints=2
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    state = load_checkpoint(folder / "epoch_0004.pt")  # torch.load(weights_only=True) inside
+    assert state["epoch"] == 4 and len(state["history"]) == 4 and state["run_id"] == full
+    assert {"model", "optimizer", "rng", "config"} <= set(state)
+    assert isinstance(state["rng"]["generators"]["train"], torch.Tensor)
     part = run_job(tmp_path, ["trainer.epochs=2"], "part")
     c = client(tmp_path)
     c.update_run(part, status="RUNNING")  # what a SIGKILL leaves behind (test_sigkill_... does it for real)
@@ -45,21 +41,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert c.get_run(resumed).data.metrics["train/samples_seen"] == 4 * 1437
 
 
-def test_resume_refuses_another_config_and_names_the_keys(tmp_path):
+def test_resume_refuses_another_config_a_finished_one_and_a_live_run(tmp_path):
     run_job(tmp_path, ["trainer.epochs=1"], "a")
-    cfg = compose_cfg(
-        tmp_path, [*FAST, "trainer.epochs=3", "trainer.lr=0.01", f"trainer.resume={tmp_path}/a"]
-    )
+    resume_a = f"trainer.resume={tmp_path}/a"
+    cfg = compose_cfg(tmp_path, [*FAST, "trainer.epochs=3", "trainer.lr=0.01", resume_a])
     with pytest.raises(ConfigError, match=r"trainer\.lr: checkpoint 0\.001, now 0\.01"):
         open_resume(cfg)
     # worker settings and where outputs go may change
-    ok = compose_cfg(
-        tmp_path, [*FAST, "trainer.epochs=3", "loader.num_workers=2", f"trainer.resume={tmp_path}/a"]
-    )
+    ok = compose_cfg(tmp_path, [*FAST, "trainer.epochs=3", "loader.num_workers=2", resume_a])
     assert open_resume(ok).epoch == 1
-    done = compose_cfg(tmp_path, [*FAST, "trainer.epochs=1", f"trainer.resume={tmp_path}/a"])
+    done = compose_cfg(tmp_path, [*FAST, "trainer.epochs=1", resume_a])
     with pytest.raises(ConfigError, match="already holds 1 epochs"):
         open_resume(done)
+    with CheckpointDir(tmp_path / "a" / "checkpoints"):  # as if run "a" were still training
+        with pytest.raises(ConfigError, match="still running"):
+            open_resume(ok)
 
 
 def test_resume_target_errors_are_clear(tmp_path):
@@ -70,14 +66,6 @@ def test_resume_target_errors_are_clear(tmp_path):
     ]:
         cfg = compose_cfg(tmp_path, [f"trainer.resume={target}"])
         with pytest.raises(CheckpointError, match=message):
-            open_resume(cfg)
-
-
-def test_resume_from_a_live_run_is_refused(tmp_path):
-    run_job(tmp_path, ["trainer.epochs=1"], "a")
-    with CheckpointDir(tmp_path / "a" / "checkpoints"):  # as if run "a" were still training
-        cfg = compose_cfg(tmp_path, [*FAST, "trainer.epochs=2", f"trainer.resume={tmp_path}/a"])
-        with pytest.raises(ConfigError, match="still running"):
             open_resume(cfg)
 
 
