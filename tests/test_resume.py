@@ -116,3 +116,14 @@ def test_sigkill_after_epoch_2_of_4_then_resume_matches_uninterrupted(tmp_path):
     assert tags["pipeline.resumed_from"] == killed and 2 <= int(tags["pipeline.resumed_from_epoch"]) < 4
     assert c.get_run(killed).info.status == "KILLED"
     assert c.get_run(killed).data.tags["pipeline.resumed_by"] == resumed_id
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints"), ("trainer.resume=' '", "trainer.resume")],
+)
+def test_bad_checkpoint_settings_are_refused_by_validate(tmp_path, override, key):
+    from pipeline.config import validate
+
+    with pytest.raises(ConfigError, match=key):
+        validate(compose_cfg(tmp_path, [override]))
