@@ -126,4 +126,3 @@ def run(cfg: DictConfig) -> dict:
     from pipeline.job import run as run_job
 
     return run_job(cfg)
-
