@@ -74,16 +74,16 @@ class _Listing:
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.extensions)
         self.on_error = cfg.on_error
         self.problems: list[tuple[Path, str]] = []
-        self.class_names = sorted(
-            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
+        self.class_names = []
+        for folder in sorted(self.root.iterdir()):
+            if not folder.name.startswith(".") and folder.is_dir():
+                if _inside(folder, self.real_root):
+                    self.class_names.append(folder.name)
+                else:
+                    self.problem(folder, "is a link to a folder outside source.root")
         self.entries: list[Entry] = []
         for label, name in enumerate(self.class_names):
-            folder = self.root / name
-            if not _inside(folder, self.real_root):
-                self.problem(folder, "is a link to a folder outside source.root")
-                continue
-            for path in self._files(folder):
+            for path in self._files(self.root / name):
                 self.entries.append(Entry(path, label))
         if not self.class_names:
             raise ImageFolderError(
