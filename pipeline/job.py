@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline import plots, progress
 from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
@@ -47,6 +48,7 @@ def _run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
     resume = open_resume(cfg)  # a bad trainer.resume fails before any work
@@ -65,6 +67,8 @@ def run(cfg: DictConfig) -> dict:
         try:
             return _stages(cfg, tr, output_dir, resume)
         finally:
+            for handler in logging.getLogger().handlers:  # the job's log file complete before upload
+                handler.flush()
             for logfile in output_dir.glob("*.log"):
                 tr.log_artifact(logfile)
 
@@ -83,6 +87,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
 
     split = partition(exp.labels, cfg.split)
     tr.log_artifact(save_split(split, output_dir / "split.npz"))
+    tr.log_artifact(plots.sample_grid(exp, output_dir / "plots" / "samples.png"), "plots")
     tr.set_tags({"split.digest": split.digest, "split.stratified": str(split.stratified).lower()})
     tr.log_params(
         {
@@ -142,6 +147,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
     final["train/samples_seen"] += expected_samples(
         len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
     )
+    plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     tr.log_metrics(
         {
             "memory/peak_used_mb": memory.peak["used_mb"],
