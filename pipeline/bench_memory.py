@@ -14,8 +14,9 @@ each run unless ``--keep-data``.
 
 ``--compare-free`` checks the headline figure against the system: it measures MemTotal - MemAvailable
 (what ``free`` reports as used) before and while a DataLoader with 2 forked workers iterates a
-``storage=ram`` dataset, and prints its increase beside the increase of ``memory/used_mb`` and of
-summed RSS. Other processes on the machine move the system figure too: it repeats and prints each.
+``storage=ram`` dataset and right after it is released, and prints that difference beside the
+difference of ``memory/used_mb`` and of summed RSS. Other processes on the machine move the system
+figure too (so the window is kept short): it repeats and prints each.
 """
 
 from __future__ import annotations
@@ -209,10 +210,10 @@ def compare_free(out: Path, n: int, repeats: int) -> None:
         multiprocessing_context="fork",
     )
     print(f"ram dataset of {n} samples ({n * SAMPLE_BYTES / MB:.0f} MB), DataLoader with 2 forked workers")
+    print("Δ = while iterating (mid-epoch) minus after the loader and data are released (~1 s later)")
     print("| run | Δ system used (free) MB | Δ memory/used_mb | Δ summed RSS MB | used/free ratio |")
     print("|---|---|---|---|---|")
     for rep in range(repeats):
-        sys0, used0, rss0 = _system_used_mb(), snapshot().used_mb, _summed_rss_mb()
         ds = exp.dataset(np.arange(n))
         loader = build_loader(ds, loader_cfg, seed=rep, train=True, device=torch.device("cpu"))
         it = iter(loader)
@@ -220,7 +221,8 @@ def compare_free(out: Path, n: int, repeats: int) -> None:
             if i == len(loader) // 2:
                 used1, rss1, sys1 = snapshot().used_mb, _summed_rss_mb(), _system_used_mb()
         del it, loader, ds
-        time.sleep(1.0)
+        time.sleep(0.3)  # workers exit, the array is unmapped
+        sys0, used0, rss0 = _system_used_mb(), snapshot().used_mb, _summed_rss_mb()
         d_sys, d_used, d_rss = sys1 - sys0, used1 - used0, rss1 - rss0
         print(f"| {rep + 1} | {d_sys:.0f} | {d_used:.0f} | {d_rss:.0f} | {d_used / d_sys:.2f} |", flush=True)
 
