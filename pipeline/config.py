@@ -110,6 +110,11 @@ class NpyStorageConfig(StorageConfig):
 
 
 @dataclass
+class RamStorageConfig(StorageConfig):
+    name: str = "ram"
+
+
+@dataclass
 class SplitConfig:
     ratio: float = 0.8
     seed: int = 0
@@ -161,6 +166,8 @@ class TrainerConfig:
     checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
     resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
+    memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
+    memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
 
 
 @dataclass
@@ -203,6 +210,7 @@ def register_configs() -> None:
         ("source", "base_image_folder", ImageFolderConfig),
         ("storage", "base_pt", PtStorageConfig),
         ("storage", "base_npy", NpyStorageConfig),
+        ("storage", "base_ram", RamStorageConfig),
         ("split", "base_split", SplitConfig),
         ("loader", "base_loader", LoaderConfig),
         ("model", "base_mlp", MLPConfig),
@@ -318,6 +326,8 @@ def validate(cfg: DictConfig) -> None:
         "auto | cpu | cuda | cuda:N | mps",
     )
 
+    _check_memory(cfg.trainer)
+
     model = cfg.model
     for key in ("hidden", "channels"):
         if key in model and OmegaConf.is_list(model[key]):
@@ -338,3 +348,33 @@ def validate(cfg: DictConfig) -> None:
                 "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
             )
     _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+
+
+def _check_memory(trainer: DictConfig) -> None:
+    interval = trainer.memory_interval_s
+    _check(
+        isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0,
+        "trainer.memory_interval_s",
+        interval,
+        "must be a number of seconds > 0, e.g. 0.5",
+    )
+    budget = trainer.memory_budget_mb
+    if budget is None:
+        return
+    _check(
+        isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0,
+        "trainer.memory_budget_mb",
+        budget,
+        "must be null (no budget) or a number of MB > 0, e.g. 4000",
+    )
+    from pipeline.memory import snapshot
+
+    base = snapshot().used_mb
+    _check(
+        budget > base,
+        "trainer.memory_budget_mb",
+        budget,
+        f"below the {base:.0f} MB (memory/used_mb) this process already holds before loading any data "
+        f"(Python, torch and the pipeline's libraries); no run can fit in it -- give at least "
+        f"{base + 100:.0f}",
+    )

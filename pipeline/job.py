@@ -24,6 +24,7 @@ from pipeline.lineage import lineage_tags
 from pipeline.loading import build_loader
 from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
+from pipeline.memory_record import log_final, log_series
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
 from pipeline.resume import open_resume, snapshot
@@ -64,16 +65,18 @@ def run(cfg: DictConfig) -> dict:
             resume.link(tr)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
+        memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, resume)
+            return _stages(cfg, tr, output_dir, memory, resume)
         finally:
+            log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
                 handler.flush()
             for logfile in output_dir.glob("*.log"):
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> dict:
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None) -> dict:
     exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
     tr.set_tags(
         {
@@ -104,6 +107,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
         )
 
     device = resolve_device(cfg.trainer.device)
+    memory.start(device)  # before the datasets are built: storage=ram loads its data there
     seed = cfg.trainer.seed
     seed_everything(seed, cfg.trainer.deterministic)
     train_loader = build_loader(
@@ -112,6 +116,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
     val_loader = build_loader(
         exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device
     )
+    memory.sample()
+    memory.check("after building the datasets")
     model = build_model(cfg.model, exp.spec).to(device)
     optimizer = build_optimizer(model, cfg.trainer)
     start = resume.restore(model, optimizer, train_loader, val_loader) if resume else 0
@@ -127,12 +133,13 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         tr.log_metrics(metrics, step=epoch)
+        log_series(tr, memory)
         history.append(metrics)
         if cfg.trainer.checkpoint:
             state = snapshot(cfg, tr.run_id, model, optimizer, train_loader, val_loader, history)
             checkpoints.save(epoch + 1, state)
 
-    with checkpoints if cfg.trainer.checkpoint else nullcontext(), MemorySampler() as memory:
+    with checkpoints if cfg.trainer.checkpoint else nullcontext():
         final = fit(
             model,
             train_loader,
@@ -147,16 +154,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, resume=None) -> d
     final["train/samples_seen"] += expected_samples(
         len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
     )
+    tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
-    tr.log_metrics(
-        {
-            "memory/peak_used_mb": memory.peak["used_mb"],
-            "memory/peak_mapped_file_mb": memory.peak["mapped_file_mb"],
-            "memory/peak_rss_main_mb": memory.peak["rss_main_mb"],
-            "train/samples_seen": final["train/samples_seen"],
-        },
-        step=cfg.trainer.epochs - 1,
-    )
     if cfg.tracking.log_model:
         log_final_model(tr, model, cfg.model, exp.spec)
     return final

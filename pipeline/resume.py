@@ -14,7 +14,8 @@ the final metrics equal those of an uninterrupted run (bitwise on CPU). The orig
 ``pipeline.resumed_by``; one a SIGKILL left RUNNING is marked KILLED.
 
 The config must be the original's: keys that cannot change the result (where outputs go, tracking,
-worker settings, ``trainer.epochs`` -- more epochs continue training) may differ; any other
+worker settings, memory sampling, progress bars, ``trainer.epochs`` -- more epochs continue
+training) may differ; any other
 difference is refused with the list of differing keys.
 """
 
@@ -38,6 +39,9 @@ FREE_KEYS = {
     "trainer.epochs",
     "trainer.checkpoint",
     "trainer.keep_checkpoints",
+    "trainer.memory_budget_mb",
+    "trainer.memory_interval_s",
+    "progress",
     "loader.num_workers",
     "loader.prefetch_factor",
     "loader.persistent_workers",
