@@ -183,7 +183,7 @@ def reproduce(run_id: str, extra: list[str], tracking_uri: str | None, atol: flo
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     env.pop("PIPELINE_MLFLOW_PARENT_RUN_ID", None)
     proc = subprocess.run(cmd, env=env)
-    rerun = find_run_by_output_dir(client, run_dir.resolve())
+    rerun = find_run_by_output_dir(client, run_dir)
     if rerun is None:
         print(f"reproduce: the rerun (exit {proc.returncode}) created no MLflow run", file=sys.stderr)
         return 1
