@@ -79,6 +79,7 @@ def test_reproduce_matches_then_detects_changed_data(tmp_path):
     same = _reproduce(tmp_path, run_id, "loader.num_workers=2")
     assert same.returncode == 0, same.stdout + same.stderr[-3000:]
     assert "reproduce: MATCH" in same.stdout and "DIVERGED" not in same.stdout
+    assert "loader.num_workers: 0 -> 2" in same.stdout  # the report names what was changed
     reruns = mc.search_runs(["1"], filter_string=f"tags.`pipeline.reproduces` = '{run_id}'")
     assert len(reruns) == 1 and reruns[0].data.tags["pipeline.reproduce_result"] == "match"
 
