@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     tr.set_tags(
         {
             "data.fingerprint": exp.fingerprint,
