@@ -1,4 +1,4 @@
-"""Every user-settable value is checked before any data work, with a message naming key, value and what is valid."""
+"""Every user-settable value is checked before data work; the message names key, value and what is valid."""
 
 from __future__ import annotations
 
@@ -64,7 +64,10 @@ def test_bad_value_names_key_value_and_what_is_valid(tmp_path, overrides, key, v
 
 
 def test_defaults_and_reasonable_values_pass(tmp_path):
-    for overrides in ([], ["source=synthetic", "source.num_samples=10", "split.ratio=0.5", "loader.batch_size=5"]):
+    for overrides in (
+        [],
+        ["source=synthetic", "source.num_samples=10", "split.ratio=0.5", "loader.batch_size=5"],
+    ):
         validate(compose_cfg(tmp_path, overrides))
     validate(compose_cfg(tmp_path, ["loader.batch_size=1437", "loader.drop_last=true"]))
 
@@ -73,7 +76,9 @@ def test_memory_budget_too_small_to_start(tmp_path):
     # the budget key belongs to the memory feature's schema: add it to an untyped copy
     cfg = OmegaConf.create(OmegaConf.to_container(compose_cfg(tmp_path), resolve=True))
     cfg.trainer.memory_budget_mb = 5
-    with pytest.raises(ConfigError, match=r"trainer.memory_budget_mb=5 -- too small to start: .* already uses \d+ MB"):
+    with pytest.raises(
+        ConfigError, match=r"trainer.memory_budget_mb=5 -- too small to start: .* already uses \d+ MB"
+    ):
         validate(cfg)
     cfg.trainer.memory_budget_mb = -1
     with pytest.raises(ConfigError, match="trainer.memory_budget_mb=-1"):
