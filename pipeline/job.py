@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
-from pipeline.loading import build_loader
+from pipeline.loading import build_loader, worker_failure
 from pipeline.memory import MemorySampler
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
@@ -108,15 +108,21 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         device,
     )
     with MemorySampler() as memory:
-        final = fit(
-            model,
-            train_loader,
-            val_loader,
-            cfg.trainer,
-            device=device,
-            memory=memory,
-            on_epoch=lambda epoch, metrics: tr.log_metrics(metrics, step=epoch),
-        )
+        try:
+            final = fit(
+                model,
+                train_loader,
+                val_loader,
+                cfg.trainer,
+                device=device,
+                memory=memory,
+                on_epoch=lambda epoch, metrics: tr.log_metrics(metrics, step=epoch),
+            )
+        except RuntimeError as err:
+            clear = worker_failure(err)
+            if clear is None:
+                raise
+            raise clear from err
     tr.log_metrics(
         {
             "memory/peak_used_mb": memory.peak["used_mb"],
