@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline.integrity import MANIFEST, IntegrityError, check_files, write_file_list
+from pipeline.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
 from pipeline.sources import SampleSpec, build_source
 from pipeline.storage import get_format
 
@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2  # 2: files.json with per-file digests
 LABELS = "labels.npy"
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be built (disk full, permissions, a bad source) or is not complete."""
 
 
 MANIFEST_KEYS = ("fingerprint", "name", "source", "storage", "num_samples", "shape", "dtype", "num_classes")

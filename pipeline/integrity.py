@@ -33,7 +33,11 @@ _NOT_DATA = (MANIFEST, MANIFEST + ".part", FILE_LIST, FILE_LIST + ".part")
 _SHOW = 5  # problems named in one message
 
 
-class IntegrityError(RuntimeError):
+class ExportError(RuntimeError):
+    """An export that cannot be built (disk full, permissions, a bad source) or used (see IntegrityError)."""
+
+
+class IntegrityError(ExportError):
     """Exported data that is missing, incomplete, changed or does not match its manifest."""
 
 
