@@ -84,6 +84,18 @@ class SyntheticConfig(SourceConfig):
 
 
 @dataclass
+class ImageFolderConfig(SourceConfig):
+    name: str = "image_folder"
+    root: str = MISSING  # one sub-folder per class
+    mode: str = "L"  # L (grey, [H, W]) | RGB ([H, W, 3])
+    size: List[int] = field(default_factory=lambda: [64, 64])  # [H, W]
+    extensions: List[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])
+    on_error: str = "skip"  # skip | fail: what an unreadable file or an escaping link does
+    check: str = "full"  # full (decode while listing) | header (faster; see sources/image_folder.py)
+    chunk_size: int = 256
+
+
+@dataclass
 class StorageConfig:
     name: str = MISSING
 
@@ -175,6 +187,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
+    progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
 
 
 def register_configs() -> None:
@@ -184,6 +197,7 @@ def register_configs() -> None:
         ("source", "base_digits", DigitsConfig),
         ("source", "base_lfw", LFWConfig),
         ("source", "base_synthetic", SyntheticConfig),
+        ("source", "base_image_folder", ImageFolderConfig),
         ("storage", "base_pt", PtStorageConfig),
         ("storage", "base_npy", NpyStorageConfig),
         ("split", "base_split", SplitConfig),
@@ -251,6 +265,23 @@ def validate(cfg: DictConfig) -> None:
         _check(0 < src.resize <= 1.0, "source.resize", src.resize, "must be in (0, 1]")
         _positive_int(cfg, "source.min_faces_per_person", 0)
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
+
+    if src.name == "image_folder":
+        _check(
+            not OmegaConf.is_missing(src, "root"), "source.root", "???", "set it to a folder of class folders"
+        )
+        _check(Path(src.root).expanduser().is_dir(), "source.root", src.root, "must be an existing folder")
+        _check(src.mode in ("L", "RGB"), "source.mode", src.mode, "L (grey) or RGB")
+        size = list(src.size)
+        _check(
+            len(size) == 2 and all(_is_int(d) and d >= 1 for d in size), "source.size", size, "[H, W] >= 1"
+        )
+        _check(len(src.extensions) >= 1, "source.extensions", list(src.extensions), "e.g. [.png, .jpg]")
+        _check(src.on_error in ("skip", "fail"), "source.on_error", src.on_error, "skip or fail")
+        _check(src.check in ("full", "header"), "source.check", src.check, "full or header")
+        _positive_int(cfg, "source.chunk_size", 1)
+
+    _check(str(cfg.progress).lower() in TRISTATE, "progress", cfg.progress, f"one of {TRISTATE}")
 
     ratio = cfg.split.ratio
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from pipeline import progress
 from pipeline.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
-from pipeline.sources import SampleSpec, build_source
+from pipeline.sources import SampleSpec, build_source, source_identity
 from pipeline.storage import get_format
 
 log = logging.getLogger(__name__)
@@ -86,12 +87,25 @@ def fingerprint(source_cfg, storage_cfg) -> str:
         "source": _plain(source_cfg),
         "storage": _plain(storage_cfg),
     }
+    identity = source_identity(source_cfg)  # e.g. an image folder's file listing
+    if identity is not None:
+        payload["source_identity"] = identity
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def export_name(source_cfg, storage_cfg) -> str:
     return f"{source_cfg.name}-{storage_cfg.name}-{fingerprint(source_cfg, storage_cfg)}"
+
+
+def _config_only(source: dict) -> bool:
+    """True when the source's data is defined by its config alone (no ``identity`` hook)."""
+    import importlib
+
+    from pipeline.sources import SOURCES
+
+    name = source.get("name")
+    return name in SOURCES and getattr(importlib.import_module(SOURCES[name]), "identity", None) is None
 
 
 def open_export(root: Path, verify: bool = False) -> Export:
@@ -110,8 +124,10 @@ def open_export(root: Path, verify: bool = False) -> Export:
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise IntegrityError(f"{manifest_path} lacks {missing}; delete {root} to re-export")
-    want = fingerprint(manifest["source"], manifest["storage"])
-    if manifest["fingerprint"] != want or not root.name.endswith(want):
+    want = manifest["fingerprint"]
+    if _config_only(manifest["source"]):  # sources with an identity (a folder listing) are not re-scanned
+        want = fingerprint(manifest["source"], manifest["storage"])
+    if manifest["fingerprint"] != want or manifest["name"] != root.name or not root.name.endswith(want):
         raise IntegrityError(
             f"{manifest_path} disagrees with its folder: its source/storage configs hash to {want}, "
             f"manifest fingerprint {manifest['fingerprint']}, folder {root.name}; delete {root} to re-export"
@@ -244,7 +260,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         spec.dtype,
         tmp.parent / name,
     )
-    for x, y in source.chunks():
+    for x, y in progress.samples(source.chunks(), spec.num_samples, "export"):
         x = np.ascontiguousarray(x, dtype=spec.dtype)
         if x.shape[1:] != spec.shape or len(x) != len(y):
             raise ExportError(

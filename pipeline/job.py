@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from pipeline import plots, progress
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
 from pipeline.loading import build_loader, worker_failure
@@ -42,6 +43,7 @@ def _run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
@@ -57,6 +59,8 @@ def run(cfg: DictConfig) -> dict:
         try:
             return _stages(cfg, tr, output_dir)
         finally:
+            for handler in logging.getLogger().handlers:  # the job's log file complete before upload
+                handler.flush()
             for logfile in output_dir.glob("*.log"):
                 tr.log_artifact(logfile)
 
@@ -75,6 +79,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
 
     split = partition(exp.labels, cfg.split)
     tr.log_artifact(save_split(split, output_dir / "split.npz"))
+    tr.log_artifact(plots.sample_grid(exp, output_dir / "plots" / "samples.png"), "plots")
     tr.set_tags({"split.digest": split.digest, "split.stratified": str(split.stratified).lower()})
     tr.log_params(
         {
@@ -123,6 +128,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
             if clear is None:
                 raise
             raise clear from err
+    plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     tr.log_metrics(
         {
             "memory/peak_used_mb": memory.peak["used_mb"],

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -87,7 +89,7 @@ def fit(
         n = 0
         wait = 0.0
         t0 = time.perf_counter()
-        batches = iter(train_loader)
+        batches = iter(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"))
         while True:
             tw = time.perf_counter()
             try:

@@ -23,6 +23,7 @@ import numpy as np
 
 SOURCES = {
     "digits": "pipeline.sources.digits",
+    "image_folder": "pipeline.sources.image_folder",
     "lfw": "pipeline.sources.lfw",
     "synthetic": "pipeline.sources.synthetic",
 }
@@ -62,6 +63,17 @@ def declared_count(cfg) -> int | None:
         return None
     count = getattr(importlib.import_module(SOURCES[cfg.name]), "count", None)
     return None if count is None else int(count(cfg))
+
+
+def source_identity(cfg) -> dict | None:
+    """What defines a source's data besides its config (e.g. the files in a folder); None if nothing.
+
+    A source module may define ``identity(cfg)``; the export fingerprint includes its result.
+    """
+    if cfg["name"] not in SOURCES:
+        return None
+    identity = getattr(importlib.import_module(SOURCES[cfg["name"]]), "identity", None)
+    return identity(cfg) if identity is not None else None
 
 
 def chunked(x: np.ndarray, y: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
