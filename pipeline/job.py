@@ -21,7 +21,7 @@ from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
 from pipeline.lineage import lineage_tags
-from pipeline.loading import build_loader
+from pipeline.loading import build_loader, worker_failure
 from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
 from pipeline.memory_record import log_final, log_series
@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None) -> dict:
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     tr.set_tags(
         {
             "data.fingerprint": exp.fingerprint,
@@ -140,17 +140,23 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
             checkpoints.save(epoch + 1, state)
 
     with checkpoints if cfg.trainer.checkpoint else nullcontext():
-        final = fit(
-            model,
-            train_loader,
-            val_loader,
-            cfg.trainer,
-            device=device,
-            memory=memory,
-            on_epoch=on_epoch,
-            optimizer=optimizer,
-            start_epoch=start,
-        )
+        try:
+            final = fit(
+                model,
+                train_loader,
+                val_loader,
+                cfg.trainer,
+                device=device,
+                memory=memory,
+                on_epoch=on_epoch,
+                optimizer=optimizer,
+                start_epoch=start,
+            )
+        except RuntimeError as err:
+            clear = worker_failure(err)
+            if clear is None:
+                raise
+            raise clear from err
     final["train/samples_seen"] += expected_samples(
         len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
     )

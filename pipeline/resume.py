@@ -14,7 +14,7 @@ the final metrics equal those of an uninterrupted run (bitwise on CPU). The orig
 ``pipeline.resumed_by``; one a SIGKILL left RUNNING is marked KILLED.
 
 The config must be the original's: keys that cannot change the result (where outputs go, tracking,
-worker settings, memory sampling, progress bars, ``trainer.epochs`` -- more epochs continue
+worker settings, memory sampling, progress bars, ``verify``, ``trainer.epochs`` -- more epochs continue
 training) may differ; any other
 difference is refused with the list of differing keys.
 """
@@ -42,6 +42,7 @@ FREE_KEYS = {
     "trainer.memory_budget_mb",
     "trainer.memory_interval_s",
     "progress",
+    "verify",
     "loader.num_workers",
     "loader.prefetch_factor",
     "loader.persistent_workers",

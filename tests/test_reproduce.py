@@ -83,11 +83,14 @@ def test_reproduce_matches_then_detects_changed_data(tmp_path):
     reruns = mc.search_runs(["1"], filter_string=f"tags.`pipeline.reproduces` = '{run_id}'")
     assert len(reruns) == 1 and reruns[0].data.tags["pipeline.reproduce_result"] == "match"
 
-    # silently changed data (same files, same sizes, so the export is reused): the rerun must diverge
+    # bit rot: sample contents change under the same sizes and mtimes, so the export's cheap stat check
+    # passes and it is reused (only verify=true would re-hash it): the rerun must diverge
     (export_dir,) = (tmp_path / "outputs" / "data").glob("digits-npy-*")
     for path in sorted((export_dir / "samples").rglob("*.npy"))[:300]:
+        st = path.stat()
         sample = np.load(path, allow_pickle=False)
         np.save(path, np.zeros_like(sample), allow_pickle=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     changed = _reproduce(tmp_path, run_id)
     assert changed.returncode == 1, changed.stdout + changed.stderr[-3000:]
     assert "reproduce: DIVERGED" in changed.stdout
