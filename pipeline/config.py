@@ -98,6 +98,18 @@ class NpyStorageConfig(StorageConfig):
 
 
 @dataclass
+class MemmapStorageConfig(StorageConfig):
+    name: str = "memmap"
+
+
+@dataclass
+class ShardsStorageConfig(StorageConfig):
+    name: str = "shards"
+    shard_size_mb: float = 64.0  # MiB per shard file (at least one sample per shard)
+    shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
+
+
+@dataclass
 class SplitConfig:
     ratio: float = 0.8
     seed: int = 0
@@ -114,6 +126,7 @@ class LoaderConfig:
     persistent_workers: bool = False  # passed only when num_workers > 0
     drop_last: bool = False
     multiprocessing_context: str = "auto"  # auto (fork where available) | fork | spawn | forkserver
+    thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
 
 
 @dataclass
@@ -184,6 +197,8 @@ def register_configs() -> None:
         ("source", "base_synthetic", SyntheticConfig),
         ("storage", "base_pt", PtStorageConfig),
         ("storage", "base_npy", NpyStorageConfig),
+        ("storage", "base_memmap", MemmapStorageConfig),
+        ("storage", "base_shards", ShardsStorageConfig),
         ("split", "base_split", SplitConfig),
         ("loader", "base_loader", LoaderConfig),
         ("model", "base_mlp", MLPConfig),
@@ -250,12 +265,22 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(cfg, "source.min_faces_per_person", 0)
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
 
+    if sto.name == "shards":
+        _check(
+            sto.shard_size_mb > 0,
+            "storage.shard_size_mb",
+            sto.shard_size_mb,
+            "must be > 0 (MiB per shard file), e.g. 64",
+        )
+        _positive_int(cfg, "storage.shuffle_buffer_shards", 1)
+
     ratio = cfg.split.ratio
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")
 
     _positive_int(cfg, "loader.batch_size", 1)
     _positive_int(cfg, "loader.num_workers", 0)
     _positive_int(cfg, "loader.prefetch_factor", 1)
+    _positive_int(cfg, "loader.thread_prefetch", 0)
     pin = str(cfg.loader.pin_memory).lower()
     _check(pin in TRISTATE, "loader.pin_memory", cfg.loader.pin_memory, f"one of {TRISTATE}")
     ctx = cfg.loader.multiprocessing_context

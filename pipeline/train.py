@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.loading import batching
+
 log = logging.getLogger(__name__)
 
 
@@ -140,9 +142,8 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    expected = expected_samples(
-        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, cfg.epochs
-    )
+    batch_size, drop_last = batching(train_loader)
+    expected = expected_samples(len(train_loader.dataset), batch_size, drop_last, cfg.epochs)
     if samples_seen != expected:
         raise RuntimeError(
             f"saw {samples_seen} train samples, expected {expected} "
