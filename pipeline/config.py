@@ -188,9 +188,35 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class BenchOptions:
+    """``python -m pipeline.bench``: the grid it measures and how long it measures each point."""
+
+    storages: List[str] = field(default_factory=lambda: ["pt", "memmap", "shards"])
+    num_workers: List[int] = field(default_factory=lambda: [0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    thread_prefetch: List[int] = field(default_factory=lambda: [0])
+    min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
+    min_seconds: float = 1.0  # ... and at least this long in total
+    max_passes: int = 100
+    seed: int = 0
+
+
+@dataclass
+class BenchConfig:
+    source: Any = MISSING
+    storage: Any = MISSING
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    bench: BenchOptions = field(default_factory=BenchOptions)
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(name="base_bench", node=BenchConfig)
     for group, name, node in [
         ("source", "base_digits", DigitsConfig),
         ("source", "base_lfw", LFWConfig),
