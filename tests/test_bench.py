@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from pipeline.bench import storage_config
-from tests.conftest import REPO, compose_cfg, sqlite_uri
+from pipeline.bench import storage_config, validate_bench
+from pipeline.config import ConfigError
+from tests.conftest import CONF_DIR, REPO, compose_cfg, sqlite_uri
 
 TINY = [
     "source.num_samples=300",
@@ -39,7 +41,7 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     proc = run_bench(
         tmp_path,
         *TINY,
-        "bench.storages=[memmap,shards]",
+        "bench.storages=[shards]",
         "bench.num_workers=[0,1]",
         "bench.thread_prefetch=[0,2]",
         "storage=shards",
@@ -56,9 +58,9 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     ).split(","):
         assert col in rows[0], col
     points = {(r["storage"], r["num_workers"], r["prefetch"]) for r in rows}
-    assert {(s, w, p) for s in ("memmap", "shards") for w in "01" for p in "02"} <= points
+    assert {("shards", w, p) for w in "01" for p in "02"} <= points
     assert ("pt", "0", "0") in points and ("numpy_ram", "0", "0") in points  # both baselines
-    assert len(rows) == 10
+    assert len(rows) == 6
     by = {(r["storage"], r["num_workers"], r["prefetch"]): r for r in rows}
     assert float(by["pt", "0", "0"]["ratio_vs_pt"]) == 1.0
     assert float(by["numpy_ram", "0", "0"]["ratio_vs_ram"]) == 1.0
@@ -73,7 +75,32 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.role"] == "bench"
     assert {"results.csv", "results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "memmap_w0_b64_p0/ratio_vs_ram" in run.data.metrics
+    assert "shards_w0_b64_p0/ratio_vs_ram" in run.data.metrics
+
+
+def compose_bench(root, overrides=()):
+    import pipeline.config  # noqa: F401  registers schemas and resolvers
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="bench", overrides=[f"paths.root={root}", *TINY, *overrides])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("bench.storages=[memmap,tape]", "bench.storages"),
+        ("bench.batch_sizes=[0]", "bench.batch_sizes"),
+        ("bench.num_workers=[]", "bench.num_workers"),
+        ("bench.thread_prefetch=[-1]", "bench.thread_prefetch"),
+        ("bench.max_passes=0", "bench.max_passes"),
+        ("loader.pin_memory=maybe", "loader.pin_memory"),
+        ("storage=shards storage.shard_size_mb=0", "storage.shard_size_mb"),
+    ],
+)
+def test_bad_bench_config_is_named(tmp_path, override, key):
+    cfg = compose_bench(tmp_path, override.split())
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_bench(cfg)
 
 
 def test_bad_bench_grid_fails_before_any_work(tmp_path):
@@ -81,8 +108,6 @@ def test_bad_bench_grid_fails_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "bench.storages" in proc.stderr and "memmap" in proc.stderr
     assert not (tmp_path / "outputs" / "data").exists()
-    proc = run_bench(tmp_path, *TINY, "bench.batch_sizes=[0]")
-    assert proc.returncode != 0 and "bench.batch_sizes" in proc.stderr
 
 
 def test_other_formats_use_their_yaml(tmp_path):
