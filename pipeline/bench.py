@@ -8,12 +8,16 @@
 For the source, every storage format in ``bench.storages`` x num_workers x batch size x thread
 prefetch depth is exported once (reused from ``paths.data_dir``), then its train-split DataLoader
 (built by pipeline.loading exactly as training builds it) is read for one warm-up pass and then
-timed passes (at least ``bench.min_passes`` and ``bench.min_seconds``). Two baselines run in the
-same process: the classic per-sample ``pt`` format (0 workers, no prefetch, same batch size) and
-``numpy_ram``, a plain gather of the same batches from an in-RAM numpy array with no DataLoader
-(the practical ceiling). Output, in the run dir and in an MLflow run: ``results.csv`` (one row per
-point: samples/s, MB/s, peak ``memory/used_mb`` and mapped file MB from pipeline.memory, first-batch
-latency, shuffle quality, ratios to both baselines) and ``results.png``.
+timed passes (at least ``bench.min_passes`` and ``bench.min_seconds``; rates are medians over
+passes). Two baselines run in the same process: the classic per-sample ``pt`` format (0 workers, no
+prefetch, same batch size) and ``numpy_ram``, a plain gather of the same kind of batches from an
+in-RAM numpy array with no DataLoader (the practical ceiling). Each timed pass is paired with a pass
+of that gather, and ``ratio_vs_ram`` divides by the paired passes' median, so a load spike on a
+shared machine moves both sides of the ratio.
+
+Output, in the run dir and in an MLflow run: ``results.csv`` (one row per point: samples/s, MB/s,
+peak ``memory/used_mb`` and mapped file MB from pipeline.memory, first-batch latency, shuffle
+quality, the export's build time, ratios to both baselines) and ``results.png``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, git_info, prepare
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MB = 1024 * 1024
 RAM = "numpy_ram"
 COLUMNS = [
     "storage",
@@ -65,6 +70,7 @@ COLUMNS = [
     "passes",
     "seconds",
     "shuffle_quality",
+    "export_seconds",
     "ratio_vs_pt",
     "ratio_vs_ram",
 ]
@@ -103,40 +109,58 @@ def storage_config(name: str, current: DictConfig) -> DictConfig:
     return OmegaConf.merge(node, body)
 
 
-def _timed_passes(one_pass, b) -> tuple[float, int, int]:
-    """Run passes until both minimums are met; (seconds, passes, samples)."""
-    seconds, passes, samples = 0.0, 0, 0
-    while passes < b.max_passes and (passes < b.min_passes or seconds < b.min_seconds):
-        t0 = time.perf_counter()
-        samples += one_pass()
-        seconds += time.perf_counter() - t0
-        passes += 1
-    return seconds, passes, samples
+class RamGather:
+    """The ceiling: batches gathered from an in-RAM numpy array with no DataLoader around it, from
+    the same kind of sampler as memmap's (a uniform shuffle, indices sorted within each batch)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> None:
+        self.x, self.y = x, y
+        self.batch_sampler = RandomBatchSampler(
+            len(y), batch_size, True, False, torch.Generator().manual_seed(seed)
+        )
+
+    def __iter__(self):
+        x, y = self.x, self.y
+        for idx in self.batch_sampler:
+            yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
 
-def measure_loader(loader, b) -> dict:
+def _one_pass(loader) -> float:
+    """Samples/s of one full pass."""
+    n, t0 = 0, time.perf_counter()
+    for _x, y in loader:
+        n += len(y)
+    return n / (time.perf_counter() - t0)
+
+
+def measure(loader, ram: RamGather | None, b, held_mb: float = 0.0) -> dict:
+    """First-batch latency and a warm-up pass, then timed passes, each paired with a pass of the
+    in-RAM gather so that the ratio holds however the machine's load drifts. Rates are medians
+    over passes; ``held_mb`` (the in-RAM baseline's array, held meanwhile) is left out of memory."""
+    rates, ram_rates = [], []
     with MemorySampler(interval_s=0.1) as memory:
         t0 = time.perf_counter()
         it = iter(loader)
-        x, y = next(it)
+        next(it)
         first_ms = (time.perf_counter() - t0) * 1e3
         for _ in it:  # rest of the warm-up pass
             pass
-
-        def one_pass() -> int:
-            n = 0
-            for _x, y in loader:
-                n += len(y)
-            return n
-
-        seconds, passes, samples = _timed_passes(one_pass, b)
+        seconds = 0.0
+        while len(rates) < b.max_passes and (len(rates) < b.min_passes or seconds < b.min_seconds):
+            t0 = time.perf_counter()
+            rates.append(_one_pass(loader))
+            seconds += time.perf_counter() - t0
+            if ram is not None:
+                ram_rates.append(_one_pass(ram))
         memory.sample()
+    sps = float(np.median(rates))
     return {
-        "samples_per_s": samples / seconds,
+        "samples_per_s": sps,
+        "ratio_vs_ram": sps / float(np.median(ram_rates)) if ram is not None else 1.0,
         "first_batch_ms": first_ms,
-        "passes": passes,
+        "passes": len(rates),
         "seconds": seconds,
-        "peak_used_mb": memory.peak["used_mb"],
+        "peak_used_mb": memory.peak["used_mb"] - held_mb,
         "peak_mapped_file_mb": memory.peak["mapped_file_mb"],
     }
 
@@ -162,40 +186,12 @@ def ram_train_set(source_cfg, train_ids: np.ndarray) -> tuple[np.ndarray, np.nda
     return x, y
 
 
-def measure_ram(x: np.ndarray, y: np.ndarray, batch_size: int, b) -> dict:
-    """Gather the batches a shuffled loader would ask for, straight from RAM: no DataLoader."""
-    sampler = RandomBatchSampler(len(y), batch_size, True, False, torch.Generator().manual_seed(b.seed))
-
-    def one_pass() -> int:
-        n = 0
-        for idx in sampler:
-            batch = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-            n += len(batch[1])
-        return n
-
-    with MemorySampler(interval_s=0.1) as memory:
-        t0 = time.perf_counter()
-        next(iter(sampler))
-        first_ms = (time.perf_counter() - t0) * 1e3
-        one_pass()  # warm-up
-        seconds, passes, samples = _timed_passes(one_pass, b)
-    return {
-        "samples_per_s": samples / seconds,
-        "first_batch_ms": first_ms,
-        "passes": passes,
-        "seconds": seconds,
-        "peak_used_mb": memory.peak["used_mb"],
-        "peak_mapped_file_mb": memory.peak["mapped_file_mb"],
-        "shuffle_quality": shuffle_quality(sampler.epoch_order(b.seed)),
-    }
-
-
 def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -> list[dict]:
     b = cfg.bench
     torch.manual_seed(b.seed)
     storages = list(dict.fromkeys(["pt", *b.storages]))  # pt is a baseline
     rows: list[dict] = []
-    train_ids = sample_bytes = None
+    x = y = None
     for name in storages:
         scfg = storage_config(name, cfg.storage)
         exp = export(cfg.source, scfg, cfg.paths.data_dir)
@@ -203,41 +199,34 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
         if tr is not None:
             tr.log_metrics({f"export_seconds.{name}": exp.manifest["export_seconds"]})
         split = partition(exp.labels, cfg.split)
-        train_ids, sample_bytes = split.train, exp.spec.sample_bytes
+        sample_bytes = exp.spec.sample_bytes
+        if x is None:
+            x, y = ram_train_set(cfg.source, split.train)
+            held_mb = (x.nbytes + y.nbytes) / MB
+            rams = {bs: RamGather(x, y, bs, b.seed) for bs in b.batch_sizes}
         dataset = exp.dataset(split.train, scfg)
         grid = list(itertools.product(b.num_workers, b.batch_sizes, b.thread_prefetch))
         if name == "pt":  # the classic recipe's baseline point per batch size, plus the grid if asked
             baseline = [(0, bs, 0) for bs in b.batch_sizes]
             grid = list(dict.fromkeys(baseline + (grid if "pt" in b.storages else [])))
         for workers, batch_size, prefetch in grid:
-            loader_cfg = OmegaConf.merge(
-                cfg.loader,
-                {
-                    "num_workers": workers,
-                    "batch_size": batch_size,
-                    "thread_prefetch": prefetch,
-                    "shuffle": True,
-                },
-            )
+            point = {"num_workers": workers, "batch_size": batch_size, "thread_prefetch": prefetch}
+            loader_cfg = OmegaConf.merge(cfg.loader, {**point, "shuffle": True})
             loader = build_loader(dataset, loader_cfg, seed=b.seed, train=True, device=torch.device("cpu"))
             row = {"storage": name, "num_workers": workers, "batch_size": batch_size, "prefetch": prefetch}
-            row.update(measure_loader(loader, b))
+            row.update(measure(loader, rams[batch_size], b, held_mb))
             row["shuffle_quality"] = shuffle_quality(epoch_order(loader, b.seed))
+            row["export_seconds"] = exp.manifest["export_seconds"]
             rows.append(row)
             log.info("bench: %s", _describe(row))
-    x, y = ram_train_set(cfg.source, train_ids)
-    for batch_size in b.batch_sizes:
+    for batch_size, ram in rams.items():
         row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0}
-        row.update(measure_ram(x, y, batch_size, b))
+        row.update(measure(ram, None, b), shuffle_quality=shuffle_quality(epoch_order(ram, b.seed)))
         rows.append(row)
         log.info("bench: %s", _describe(row))
-    del x, y
     for row in rows:
-        pt = _find(rows, "pt", row["batch_size"])
-        ram = _find(rows, RAM, row["batch_size"])
         row["mb_per_s"] = row["samples_per_s"] * sample_bytes / 1e6
-        row["ratio_vs_pt"] = row["samples_per_s"] / pt["samples_per_s"]
-        row["ratio_vs_ram"] = row["samples_per_s"] / ram["samples_per_s"]
+        row["ratio_vs_pt"] = row["samples_per_s"] / _find(rows, "pt", row["batch_size"])["samples_per_s"]
     return rows
 
 
