@@ -106,7 +106,7 @@ class Dataset(torch.utils.data.Dataset):
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
         self.shard_of = self.ids // self.per_shard  # shard of each position
-        self.buffer_shards = int(cfg.shuffle_buffer_shards) if cfg is not None else 4
+        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4)) if cfg is not None else 4
         self._arrays: dict[int, np.ndarray] = {}
         self.opened_pid: int | None = None
 
