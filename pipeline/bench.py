@@ -305,7 +305,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
         ax.text(
             r["samples_per_s"] * 1.05,
             y,
-            f"{r['samples_per_s']:,.0f}  ({r['ratio_vs_pt']:.0f}x pt, {r['ratio_vs_ram']:.2f}x RAM)",
+            f"{r['samples_per_s']:,.0f}  ({r['ratio_vs_pt']:.3g}x pt, {r['ratio_vs_ram']:.2g}x RAM)",
             va="center",
             fontsize=8,
         )
