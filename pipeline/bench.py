@@ -35,6 +35,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import progress
 from pipeline.config import (
     ConfigError,
     MLPConfig,
@@ -78,7 +79,7 @@ COLUMNS = [
 
 def validate_bench(cfg: DictConfig) -> None:
     """The main validator on source/storage/split/loader, then the bench grid."""
-    full = OmegaConf.create({k: cfg[k] for k in ("source", "storage", "split", "loader")})
+    full = OmegaConf.create({k: cfg[k] for k in ("source", "storage", "split", "loader", "progress")})
     full.model = OmegaConf.structured(MLPConfig())
     full.trainer = OmegaConf.structured(TrainerConfig())
     validate(full)
@@ -318,6 +319,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 def run(cfg: DictConfig) -> list[dict]:
     validate_bench(cfg)
+    progress.configure(cfg.progress)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking.uri

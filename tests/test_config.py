@@ -15,6 +15,10 @@ from tests.conftest import CONF_DIR, compose_cfg, run_cli
 GROUPS = ["source", "storage", "split", "loader", "model", "trainer", "tracking", "paths", "experiment"]
 
 
+# options with a required key: the extra overrides they need to validate ({root} = the test's tmp_path)
+REQUIRED = {("source", "image_folder"): ["source.root={root}"]}
+
+
 def _options():
     for group in GROUPS:
         for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
@@ -23,7 +27,8 @@ def _options():
 
 @pytest.mark.parametrize("group,option", list(_options()))
 def test_every_option_composes_and_validates(tmp_path, group, option):
-    cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+    extra = [o.format(root=tmp_path) for o in REQUIRED.get((group, option), [])]
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg)
     if group not in ("experiment",):

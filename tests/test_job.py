@@ -16,9 +16,9 @@ EPOCH_METRICS = [
     "perf/epoch_seconds",
     "perf/train_samples_per_s",
     "perf/data_wait_fraction",
-    "memory/used_mb",
-    "memory/mapped_file_mb",
-    "memory/rss_main_mb",
+    "memory/epoch_peak_used_mb",  # memory/used_mb itself is the sampled time series (test_memory.py)
+    "memory/epoch_peak_mapped_file_mb",
+    "memory/epoch_peak_rss_main_mb",
 ]
 
 

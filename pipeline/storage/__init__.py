@@ -20,6 +20,7 @@ FORMATS = {
     "npy": "pipeline.storage.npy",
     "memmap": "pipeline.storage.memmap",
     "shards": "pipeline.storage.shards",
+    "ram": "pipeline.storage.ram",
 }
 
 
