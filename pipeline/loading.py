@@ -111,6 +111,6 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
             multiprocessing_context=_mp_context(cfg.multiprocessing_context),
         )
     loader = BatchedLoader(dataset, **kwargs)
-    if cfg.get("thread_prefetch", 0) > 0:  # hand-made loader configs may lack it
+    if getattr(cfg, "thread_prefetch", 0) > 0:  # hand-made loader configs may lack it
         return ThreadPrefetcher(loader, cfg.thread_prefetch)
     return loader

@@ -22,6 +22,7 @@ STORAGE_CFG = {
     "pt": {"name": "pt"},
     "npy": {"name": "npy"},
     "memmap": {"name": "memmap"},
+    "ram": {"name": "ram"},
     "shards": {"name": "shards", "shard_size_mb": 0.001, "shuffle_buffer_shards": 2},
 }
 DTYPES = ["float32", "float64", "float16", "uint8", "int16", "int64"]
@@ -48,14 +49,14 @@ def random_data(rng, n, shape, dtype):
 
 
 def test_every_format_is_tested():
-    assert set(STORAGE_CFG) >= set(FORMATS) - {"ram"}  # issue 4's in-RAM format has its own tests
+    assert set(STORAGE_CFG) >= set(FORMATS)
 
 
-@pytest.mark.parametrize("name", ["memmap", "shards", "npy", "pt"])
+@pytest.mark.parametrize("name", sorted(STORAGE_CFG))
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 40),
-    shape=st.lists(st.integers(1, 6), min_size=0, max_size=3),
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3),  # sources give >= 1 dimension
     dtype=st.sampled_from(DTYPES),
     chunk=st.integers(1, 50),
     seed=st.integers(0, 2**16),
