@@ -79,8 +79,8 @@ COLUMNS = [
 
 def validate_bench(cfg: DictConfig) -> None:
     """The main validator on source/storage/split/loader, then the bench grid."""
-    full = OmegaConf.create({k: cfg[k] for k in ("source", "storage", "split", "loader", "progress")})
-    full.model = OmegaConf.structured(MLPConfig())
+    full = OmegaConf.create({k: cfg[k] for k in cfg if k not in ("bench", "hydra")})
+    full.model = OmegaConf.structured(MLPConfig())  # training-only groups at their defaults
     full.trainer = OmegaConf.structured(TrainerConfig())
     validate(full)
     b = cfg.bench

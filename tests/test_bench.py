@@ -82,7 +82,10 @@ def compose_bench(root, overrides=()):
     import pipeline.config  # noqa: F401  registers schemas and resolvers
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="bench", overrides=[f"paths.root={root}", *TINY, *overrides])
+        return compose(
+            config_name="bench",
+            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *TINY, *overrides],
+        )
 
 
 @pytest.mark.parametrize(
