@@ -67,14 +67,16 @@ class EpochShuffle(Sampler[int]):
         yield from torch.randperm(self.n, generator=generator).tolist()
 
 
-def find_epoch_sampler(loader) -> EpochShuffle | None:
-    """The ``EpochShuffle`` behind a DataLoader, also when wrapped in a batch sampler."""
+def find_epoch_sampler(loader):
+    """The epoch-indexed sampler behind a DataLoader (``EpochShuffle``, also when wrapped in a batch
+    sampler, or a storage format's own batch sampler): whatever has ``set_epoch``."""
     for candidate in (
+        getattr(loader, "batch_sampler", None),
         getattr(loader, "sampler", None),
         getattr(getattr(loader, "sampler", None), "sampler", None),
         getattr(getattr(loader, "batch_sampler", None), "sampler", None),
     ):
-        if isinstance(candidate, EpochShuffle):
+        if callable(getattr(candidate, "set_epoch", None)):  # EpochShuffle, the formats' batch samplers
             return candidate
     return None
 

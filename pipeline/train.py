@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline import progress
+from pipeline.loading import batching
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,9 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    batch_size, drop_last = batching(train_loader)
     epochs = cfg.epochs - start_epoch
-    expected = expected_samples(
-        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, epochs
-    )
+    expected = expected_samples(len(train_loader.dataset), batch_size, drop_last, epochs)
     if samples_seen != expected:
         raise RuntimeError(
             f"saw {samples_seen} train samples, expected {expected} "

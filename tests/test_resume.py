@@ -127,3 +127,17 @@ def test_bad_checkpoint_settings_are_refused_by_validate(tmp_path, override, key
 
     with pytest.raises(ConfigError, match=key):
         validate(compose_cfg(tmp_path, [override]))
+
+
+@pytest.mark.parametrize("storage", ["memmap", "shards"])
+def test_resume_replays_the_batch_samplers_of_the_fast_formats(tmp_path, storage):
+    """The formats' own batch samplers are epoch-indexed too: resuming at epoch 1 gives epochs 2-3 of a
+    straight run, and the shuffle differs from epoch to epoch."""
+    fmt = [f"storage={storage}", "storage.shard_size_mb=1"] if storage == "shards" else [f"storage={storage}"]
+    full = run_job(tmp_path, [*fmt, "trainer.epochs=3"], "full")
+    part = run_job(tmp_path, [*fmt, "trainer.epochs=1"], "part")
+    client(tmp_path).update_run(part, status="RUNNING")
+    resumed = run_job(tmp_path, [*fmt, "trainer.epochs=3", f"trainer.resume={part}"], "resumed")
+    assert histories(tmp_path, resumed) == histories(tmp_path, full)
+    losses = [v for _, v in histories(tmp_path, full)["train/loss"]]
+    assert len(set(losses)) == 3
