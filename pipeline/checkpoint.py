@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.export import fsync_dir
+
 DIRNAME = "checkpoints"
 FORMAT = 1
 LOCK = ".lock"
@@ -51,14 +53,6 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_atomic(path: Path, state: dict) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -71,7 +65,7 @@ def save_atomic(path: Path, state: dict) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -207,7 +207,7 @@ def export(source_cfg, storage_cfg, data_dir, verify: bool = False) -> Export:
         try:
             _build(tmp, source_cfg, storage_cfg, name)
             os.rename(tmp, final)
-            _fsync_dir(data_dir)
+            fsync_dir(data_dir)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, OSError):
@@ -238,7 +238,8 @@ def _write_failure(err: OSError, data_dir: Path, final: Path) -> str:
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -318,5 +319,5 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
     with open(manifest_tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.rename(manifest_tmp, tmp / MANIFEST)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     log.info("export: %d samples, %.1f MB in %.2f s", done, files["bytes"] / 1e6, time.perf_counter() - t0)
