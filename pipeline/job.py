@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from pipeline import plots, progress
+from pipeline import distributed, plots, progress
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
 from pipeline.loading import build_loader, worker_failure
@@ -47,6 +47,21 @@ def run(cfg: DictConfig) -> dict:
     progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
+    device = distributed.init(resolve_device(cfg.trainer.device))  # torchrun: join the process group
+    try:
+        return _tracked(cfg, output_dir, uri, device)
+    finally:
+        distributed.shutdown()
+
+
+def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device: torch.device) -> dict:
+    if not distributed.is_rank0():  # one MLflow run per training: rank 0's
+        with distributed.NoRun() as tr:
+            memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
+            try:
+                return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, device)
+            finally:
+                memory.stop()
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tags = {
         "pipeline.role": "job",
@@ -59,7 +74,7 @@ def run(cfg: DictConfig) -> dict:
         tr.log_artifact(output_dir / ".hydra", "hydra")
         memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, memory)
+            return _stages(cfg, tr, output_dir, memory, device)
         finally:
             log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
@@ -68,8 +83,10 @@ def run(cfg: DictConfig) -> dict:
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler) -> dict:
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, device) -> dict:
+    exp = distributed.rank0_first(
+        lambda: export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+    )
     tr.set_tags(
         {
             "data.fingerprint": exp.fingerprint,
@@ -98,7 +115,6 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
             f"with drop_last=true it must be <= the {len(split.train)} train samples",
         )
 
-    device = resolve_device(cfg.trainer.device)
     memory.start(device)  # before the datasets are built: storage=ram loads its data there
     torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
@@ -134,5 +150,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
             raise
         raise clear from err
     tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
+    distributed.record_params(model, cfg.paths.output_dir, tr)
+    if not distributed.is_rank0():
+        return final
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     return final

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline import distributed
+
 
 def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
@@ -59,6 +61,7 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device) 
             persistent_workers=bool(cfg.persistent_workers),
             multiprocessing_context=_mp_context(cfg.multiprocessing_context),
         )
+    kwargs = distributed.shard(kwargs, dataset, seed)  # under torchrun: this rank's share
     return DataLoader(dataset, **kwargs)
 
 

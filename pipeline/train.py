@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import progress
+from pipeline import distributed, progress
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, memory=None) -> tup
         total += loss_fn(out, y)
         correct += (out.argmax(1) == y).sum()
         n += len(y)
+    total, correct, n = distributed.sum_all(total, correct, n)  # torchrun: over all ranks' shards
     return (total.item() / max(n, 1), correct.item() / max(n, 1))
 
 
@@ -82,12 +83,14 @@ def fit(
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> dict:
     model.to(device)
+    net = distributed.wrap(model, device)  # DDP under torchrun, else model
     optimizer = build_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     samples_seen = 0
     metrics: dict = {}
     for epoch in range(cfg.epochs):
-        model.train()
+        net.train()
+        distributed.set_epoch(train_loader, epoch)
         total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         n = 0
@@ -95,7 +98,9 @@ def fit(
         if memory is not None:
             memory.mark_epoch(epoch)
         t0 = time.perf_counter()
-        batches = iter(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"))
+        batches = iter(
+            distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
+        )
         while True:
             tw = time.perf_counter()
             try:
@@ -109,7 +114,7 @@ def fit(
                 memory.check(f"in epoch {epoch}")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
+            out = net(x)
             loss = loss_fn(out, y)
             loss.backward()
             optimizer.step()
@@ -119,6 +124,7 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
+        total, correct, n = distributed.sum_all(total, correct, n)  # torchrun: global figures
         samples_seen += n
         tv = time.perf_counter()
         val_loss, val_acc = evaluate(model, val_loader, device, memory)
@@ -151,8 +157,10 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    expected = expected_samples(
-        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, cfg.epochs
+    expected = distributed.sum_all(
+        expected_samples(
+            distributed.local_len(train_loader), train_loader.batch_size, train_loader.drop_last, cfg.epochs
+        )
     )
     if samples_seen != expected:
         raise RuntimeError(
