@@ -112,6 +112,18 @@ class NpyStorageConfig(StorageConfig):
 
 
 @dataclass
+class MemmapStorageConfig(StorageConfig):
+    name: str = "memmap"
+
+
+@dataclass
+class ShardsStorageConfig(StorageConfig):
+    name: str = "shards"
+    shard_size_mb: float = 64.0  # MiB per shard file (at least one sample per shard)
+    shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
+
+
+@dataclass
 class RamStorageConfig(StorageConfig):
     name: str = "ram"
 
@@ -133,6 +145,7 @@ class LoaderConfig:
     persistent_workers: bool = False  # passed only when num_workers > 0
     drop_last: bool = False
     multiprocessing_context: str = "auto"  # auto (fork where available) | fork | spawn | forkserver
+    thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
 
 
 @dataclass
@@ -164,6 +177,10 @@ class TrainerConfig:
     momentum: float = 0.9  # sgd only
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
+    checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
     memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
     memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
 
@@ -174,6 +191,7 @@ class TrackingConfig:
     experiment: str = "pipeline"
     artifact_location: Optional[str] = None  # used only when a local store creates the experiment
     run_name: Optional[str] = None
+    log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
 
 
 @dataclass
@@ -198,9 +216,36 @@ class Config:
     progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
 
 
+@dataclass
+class BenchOptions:
+    """``python -m pipeline.bench``: the grid it measures and how long it measures each point."""
+
+    storages: List[str] = field(default_factory=lambda: ["pt", "memmap", "shards"])
+    num_workers: List[int] = field(default_factory=lambda: [0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    thread_prefetch: List[int] = field(default_factory=lambda: [0])
+    min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
+    min_seconds: float = 1.0  # ... and at least this long in total
+    max_passes: int = 100
+    seed: int = 0
+
+
+@dataclass
+class BenchConfig:
+    source: Any = MISSING
+    storage: Any = MISSING
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    bench: BenchOptions = field(default_factory=BenchOptions)
+    progress: str = "auto"  # progress bars (exports): auto | true | false
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(name="base_bench", node=BenchConfig)
     for group, name, node in [
         ("source", "base_digits", DigitsConfig),
         ("source", "base_lfw", LFWConfig),
@@ -208,6 +253,8 @@ def register_configs() -> None:
         ("source", "base_image_folder", ImageFolderConfig),
         ("storage", "base_pt", PtStorageConfig),
         ("storage", "base_npy", NpyStorageConfig),
+        ("storage", "base_memmap", MemmapStorageConfig),
+        ("storage", "base_shards", ShardsStorageConfig),
         ("storage", "base_ram", RamStorageConfig),
         ("split", "base_split", SplitConfig),
         ("loader", "base_loader", LoaderConfig),
@@ -275,6 +322,15 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(cfg, "source.min_faces_per_person", 0)
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
 
+    if sto.name == "shards":
+        _check(
+            sto.shard_size_mb > 0,
+            "storage.shard_size_mb",
+            sto.shard_size_mb,
+            "must be > 0 (MiB per shard file), e.g. 64",
+        )
+        _positive_int(cfg, "storage.shuffle_buffer_shards", 1)
+
     if src.name == "image_folder":
         _check(
             not OmegaConf.is_missing(src, "root"), "source.root", "???", "set it to a folder of class folders"
@@ -299,12 +355,21 @@ def validate(cfg: DictConfig) -> None:
     _check_sizes(cfg)
     _positive_int(cfg, "loader.num_workers", 0)
     _positive_int(cfg, "loader.prefetch_factor", 1)
+    _positive_int(cfg, "loader.thread_prefetch", 0)
     pin = str(cfg.loader.pin_memory).lower()
     _check(pin in TRISTATE, "loader.pin_memory", cfg.loader.pin_memory, f"one of {TRISTATE}")
     ctx = cfg.loader.multiprocessing_context
     _check(ctx in MP_CONTEXTS, "loader.multiprocessing_context", ctx, f"one of {MP_CONTEXTS}")
 
     _positive_int(cfg, "trainer.epochs", 1)
+    _positive_int(cfg, "trainer.keep_checkpoints", 0)
+    resume = cfg.trainer.resume
+    _check(
+        resume is None or (isinstance(resume, str) and resume.strip() != ""),
+        "trainer.resume",
+        resume,
+        "null, an MLflow run id, a run directory or a checkpoint file",
+    )
     lr = cfg.trainer.lr
     _check(math.isfinite(lr) and lr > 0, "trainer.lr", lr, "must be a finite number > 0, e.g. 0.001")
     wd = cfg.trainer.weight_decay

@@ -157,7 +157,12 @@ def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
     if not active():
         return loader_kwargs
     kwargs = dict(loader_kwargs)
-    kwargs["sampler"] = ShardSampler(dataset, shuffle=bool(kwargs.pop("shuffle", False)), seed=int(seed))
+    if "batch_sampler" in kwargs:
+        raise NotImplementedError(
+            "under torchrun the storage's own batch sampler is not sharded yet; use a storage without one"
+        )
+    shuffle = bool(kwargs.pop("shuffle", False)) or kwargs.get("sampler") is not None
+    kwargs["sampler"] = ShardSampler(dataset, shuffle=shuffle, seed=int(seed))
     return kwargs
 
 

@@ -81,11 +81,19 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
+def write_options(storage_cfg) -> dict:
+    """The storage config minus the format's read-time options (``READ_OPTIONS``), which the
+    files on disk do not depend on: changing one reuses the export."""
+    plain = _plain(storage_cfg)
+    skip = getattr(get_format(plain["name"]), "READ_OPTIONS", ())
+    return {k: v for k, v in plain.items() if k not in skip}
+
+
 def fingerprint(source_cfg, storage_cfg) -> str:
     payload = {
         "layout": LAYOUT_VERSION,
         "source": _plain(source_cfg),
-        "storage": _plain(storage_cfg),
+        "storage": write_options(storage_cfg),
     }
     identity = source_identity(source_cfg)  # e.g. an image folder's file listing
     if identity is not None:
@@ -294,7 +302,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         "fingerprint": name.rsplit("-", 1)[-1],
         "name": name,
         "source": _plain(source_cfg),
-        "storage": _plain(storage_cfg),
+        "storage": write_options(storage_cfg),
         "num_samples": spec.num_samples,
         "shape": list(spec.shape),
         "dtype": spec.dtype,

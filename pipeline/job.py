@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from pipeline import distributed, plots, progress
+from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
+from pipeline.lineage import lineage_tags
 from pipeline.loading import build_loader, worker_failure
+from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
 from pipeline.memory_record import log_final, log_series
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
-from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, git_info, prepare_store
-from pipeline.train import fit, resolve_device
+from pipeline.resume import open_resume, snapshot
+from pipeline.seeding import seed_everything
+from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, prepare_store
+from pipeline.train import build_optimizer, expected_samples, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +52,37 @@ def run(cfg: DictConfig) -> dict:
     progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
+    resume = open_resume(cfg)  # a bad trainer.resume fails before any work
     device = distributed.init(resolve_device(cfg.trainer.device))  # torchrun: join the process group
     try:
-        return _tracked(cfg, output_dir, uri, device)
+        return _tracked(cfg, output_dir, uri, device, resume)
     finally:
         distributed.shutdown()
 
 
-def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device: torch.device) -> dict:
+def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device, resume) -> dict:
     if not distributed.is_rank0():  # one MLflow run per training: rank 0's
         with distributed.NoRun() as tr:
             memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
             try:
-                return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, device)
+                return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, resume, device)
             finally:
                 memory.stop()
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tags = {
         "pipeline.role": "job",
         "hydra.overrides": _hydra_overrides(),
-        **git_info(cfg.paths.root),
+        **lineage_tags(cfg),
     }
     with TrackedRun(uri, experiment_id, _run_name(cfg), os.environ.get(PARENT_ENV), tags) as tr:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
+        if resume is not None:
+            resume.link(tr)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
         memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, memory, device)
+            return _stages(cfg, tr, output_dir, memory, resume, device)
         finally:
             log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
@@ -83,7 +91,9 @@ def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device: torch.device) 
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, device) -> dict:
+def _stages(
+    cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None, device=None
+) -> dict:
     exp = distributed.rank0_first(
         lambda: export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     )
@@ -116,8 +126,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         )
 
     memory.start(device)  # before the datasets are built: storage=ram loads its data there
-    torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
+    seed_everything(seed, cfg.trainer.deterministic)
     train_loader = build_loader(
         exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=device
     )
@@ -126,7 +136,10 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
     )
     memory.sample()
     memory.check("after building the datasets")
-    model = build_model(cfg.model, exp.spec)
+    model = build_model(cfg.model, exp.spec).to(device)
+    optimizer = build_optimizer(model, cfg.trainer)
+    start = resume.restore(model, optimizer, train_loader, val_loader) if resume else 0
+    history = resume.history if resume else []
     log.info(
         "train: %d train / %d val samples, %s on %s",
         len(split.train),
@@ -134,24 +147,42 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         cfg.model.name,
         device,
     )
-    try:
-        final = fit(
-            model,
-            train_loader,
-            val_loader,
-            cfg.trainer,
-            device=device,
-            memory=memory,
-            on_epoch=lambda epoch, metrics: (tr.log_metrics(metrics, step=epoch), log_series(tr, memory)),
-        )
-    except RuntimeError as err:
-        clear = worker_failure(err)
-        if clear is None:
-            raise
-        raise clear from err
+    checkpoints = CheckpointDir(output_dir / DIRNAME, cfg.trainer.keep_checkpoints)
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        tr.log_metrics(metrics, step=epoch)
+        log_series(tr, memory)
+        history.append(metrics)
+        if cfg.trainer.checkpoint and distributed.is_rank0():  # torchrun: rank 0 writes them
+            state = snapshot(cfg, tr.run_id, model, optimizer, train_loader, val_loader, history)
+            checkpoints.save(epoch + 1, state)
+
+    with checkpoints if cfg.trainer.checkpoint else nullcontext():
+        try:
+            final = fit(
+                model,
+                train_loader,
+                val_loader,
+                cfg.trainer,
+                device=device,
+                memory=memory,
+                on_epoch=on_epoch,
+                optimizer=optimizer,
+                start_epoch=start,
+            )
+        except RuntimeError as err:
+            clear = worker_failure(err)
+            if clear is None:
+                raise
+            raise clear from err
+    final["train/samples_seen"] += expected_samples(
+        len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
+    )
     tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
     distributed.record_params(model, cfg.paths.output_dir, tr)
     if not distributed.is_rank0():
         return final
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
+    if cfg.tracking.log_model:
+        log_final_model(tr, model, cfg.model, exp.spec)
     return final

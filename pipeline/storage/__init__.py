@@ -18,6 +18,8 @@ from types import ModuleType
 FORMATS = {
     "pt": "pipeline.storage.pt",
     "npy": "pipeline.storage.npy",
+    "memmap": "pipeline.storage.memmap",
+    "shards": "pipeline.storage.shards",
     "ram": "pipeline.storage.ram",
 }
 

@@ -1,0 +1,128 @@
+"""``python -m pipeline.bench`` end to end on a tiny config: CSV, chart and MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from pipeline.bench import storage_config, validate_bench
+from pipeline.config import ConfigError
+from tests.conftest import CONF_DIR, REPO, compose_cfg, sqlite_uri
+
+TINY = [
+    "source.num_samples=300",
+    "source.shape=[6,5]",
+    "source.num_classes=4",
+    "bench.min_passes=1",
+    "bench.min_seconds=0",
+    "bench.max_passes=2",
+]
+
+
+def run_bench(root, *args):
+    env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
+    proc = run_bench(
+        tmp_path,
+        *TINY,
+        "bench.storages=[shards]",
+        "bench.num_workers=[0,1]",
+        "bench.thread_prefetch=[0,2]",
+        "storage=shards",
+        "storage.shard_size_mb=0.01",
+        "storage.shuffle_buffer_shards=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs" / "bench").glob("*/*"))
+    with open(run_dir / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for col in (
+        "storage,num_workers,batch_size,prefetch,samples_per_s,mb_per_s,peak_used_mb,ratio_vs_pt,"
+        "ratio_vs_ram,first_batch_ms,peak_mapped_file_mb,shuffle_quality"
+    ).split(","):
+        assert col in rows[0], col
+    points = {(r["storage"], r["num_workers"], r["prefetch"]) for r in rows}
+    assert {("shards", w, p) for w in "01" for p in "02"} <= points
+    assert ("pt", "0", "0") in points and ("numpy_ram", "0", "0") in points  # both baselines
+    assert len(rows) == 6
+    by = {(r["storage"], r["num_workers"], r["prefetch"]): r for r in rows}
+    assert float(by["pt", "0", "0"]["ratio_vs_pt"]) == 1.0
+    assert float(by["numpy_ram", "0", "0"]["ratio_vs_ram"]) == 1.0
+    assert all(float(r["samples_per_s"]) > 0 and float(r["peak_used_mb"]) > 0 for r in rows)
+    assert float(by["shards", "0", "0"]["shuffle_quality"]) < 1.5
+    png = (run_dir / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "samples/s" in proc.stderr + proc.stdout
+
+    client = MlflowClient(sqlite_uri(tmp_path))
+    (exp,) = [e for e in client.search_experiments() if e.name == "pipeline"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["pipeline.role"] == "bench"
+    assert {"results.csv", "results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "shards_w0_b64_p0/ratio_vs_ram" in run.data.metrics
+
+
+def compose_bench(root, overrides=()):
+    import pipeline.config  # noqa: F401  registers schemas and resolvers
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(
+            config_name="bench",
+            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *TINY, *overrides],
+        )
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("bench.storages=[memmap,tape]", "bench.storages"),
+        ("bench.batch_sizes=[0]", "bench.batch_sizes"),
+        ("bench.num_workers=[]", "bench.num_workers"),
+        ("bench.thread_prefetch=[-1]", "bench.thread_prefetch"),
+        ("bench.max_passes=0", "bench.max_passes"),
+        ("loader.pin_memory=maybe", "loader.pin_memory"),
+        ("storage=shards storage.shard_size_mb=0", "storage.shard_size_mb"),
+    ],
+)
+def test_bad_bench_config_is_named(tmp_path, override, key):
+    cfg = compose_bench(tmp_path, override.split())
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_bench(cfg)
+
+
+def test_bad_bench_grid_fails_before_any_work(tmp_path):
+    proc = run_bench(tmp_path, *TINY, "bench.storages=[memmap,tape]")
+    assert proc.returncode != 0
+    assert "bench.storages" in proc.stderr and "memmap" in proc.stderr
+    assert not (tmp_path / "outputs" / "data").exists()
+
+
+def test_other_formats_use_their_yaml(tmp_path):
+    cfg = compose_cfg(tmp_path, ["storage=shards", "storage.shard_size_mb=3"])
+    assert storage_config("shards", cfg.storage).shard_size_mb == 3
+    assert storage_config("memmap", cfg.storage).name == "memmap"
+    other = storage_config("shards", compose_cfg(tmp_path, ["storage=memmap"]).storage)
+    assert other.shard_size_mb == 64 and other.shuffle_buffer_shards == 4
+
+
+@pytest.mark.slow
+def test_bench_multirun(tmp_path):
+    proc = run_bench(tmp_path, "-m", *TINY, "bench.storages=[memmap]", "bench.batch_sizes=[16],[32]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "outputs" / "bench-multirun").glob("*/*/*/results.csv"))) == 2

@@ -1,0 +1,96 @@
+"""In-process prefetch: same batches as without it, errors surface, early exit stops the thread."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.loading import batching, build_loader
+from pipeline.prefetch import ThreadPrefetcher
+from pipeline.storage import get_format
+from tests.conftest import compose_cfg
+from tests.test_storage_formats import random_data, write_format
+
+
+def _dataset(tmp_path, name="memmap"):
+    x, y = random_data(np.random.default_rng(0), 200, (6, 5), "float32")
+    spec, cfg = write_format(tmp_path / "e", name, x, y)
+    return get_format(name).Dataset(tmp_path / "e", spec, y, np.arange(200), cfg)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetch_gives_the_same_batches(tmp_path, workers):
+    ds = _dataset(tmp_path)
+    runs = {}
+    for depth in (0, 3):
+        cfg = compose_cfg(
+            tmp_path,
+            ["storage=memmap", f"loader.thread_prefetch={depth}", f"loader.num_workers={workers}"],
+        )
+        loader = build_loader(ds, cfg.loader, seed=5, train=True, device=torch.device("cpu"))
+        assert isinstance(loader, ThreadPrefetcher) == (depth > 0)
+        assert batching(loader) == (64, False) and len(loader) == 4 and loader.dataset is ds
+        runs[depth] = [(x.clone(), y.clone()) for x, y in loader]
+    assert len(runs[0]) == len(runs[3]) == 4
+    for (x0, y0), (x3, y3) in zip(runs[0], runs[3]):
+        assert torch.equal(x0, x3) and torch.equal(y0, y3)
+
+
+def test_prefetch_raises_the_producer_error():
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    class Loader:
+        def __iter__(self):
+            return broken()
+
+    it = iter(ThreadPrefetcher(Loader(), depth=2))
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+
+
+def test_prefetch_stops_its_thread_on_early_exit():
+    before = threading.active_count()
+    loader = ThreadPrefetcher(range(10_000), depth=2)
+    for i in loader:
+        if i == 3:
+            break
+    assert threading.active_count() == before
+    assert list(ThreadPrefetcher(range(5), depth=1)) == [0, 1, 2, 3, 4]
+
+
+def test_prefetch_depth_validated(tmp_path):
+    from pipeline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="loader.thread_prefetch"):
+        validate(compose_cfg(tmp_path, ["loader.thread_prefetch=-1"]))
+    with pytest.raises(ValueError):
+        ThreadPrefetcher([], depth=0)
+
+
+def test_same_order_with_and_without_workers(tmp_path):
+    """The fast single-process path draws the same seeds as the stock worker iterator."""
+    ds = _dataset(tmp_path, "shards")
+    orders = []
+    for workers in (0, 2):
+        cfg = compose_cfg(tmp_path, ["storage=shards", f"loader.num_workers={workers}"])
+        loader = build_loader(ds, cfg.loader, seed=3, train=True, device=torch.device("cpu"))
+        orders.append([torch.cat([y for _, y in loader]) for _ in range(2)])
+    for a, b in zip(*orders):
+        assert torch.equal(a, b)
+
+
+def test_batched_loader_leaves_iterable_datasets_to_torch():
+    from pipeline.loading import BatchedLoader
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(10))
+
+    batches = list(BatchedLoader(Stream(), batch_size=4))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
