@@ -34,6 +34,7 @@ def project_root() -> str:
 
 
 OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+import pipeline.distributed  # noqa: E402,F401  registers the run_stamp resolver (Hydra run dirs)
 
 
 class ConfigError(ValueError):

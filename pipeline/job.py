@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import plots, progress
+from pipeline import distributed, plots, progress
 from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
@@ -53,6 +53,21 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
     resume = open_resume(cfg)  # a bad trainer.resume fails before any work
+    device = distributed.init(resolve_device(cfg.trainer.device))  # torchrun: join the process group
+    try:
+        return _tracked(cfg, output_dir, uri, device, resume)
+    finally:
+        distributed.shutdown()
+
+
+def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device, resume) -> dict:
+    if not distributed.is_rank0():  # one MLflow run per training: rank 0's
+        with distributed.NoRun() as tr:
+            memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
+            try:
+                return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, resume, device)
+            finally:
+                memory.stop()
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tags = {
         "pipeline.role": "job",
@@ -67,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
         tr.log_artifact(output_dir / ".hydra", "hydra")
         memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, memory, resume)
+            return _stages(cfg, tr, output_dir, memory, resume, device)
         finally:
             log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
@@ -76,8 +91,12 @@ def run(cfg: DictConfig) -> dict:
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None) -> dict:
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+def _stages(
+    cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None, device=None
+) -> dict:
+    exp = distributed.rank0_first(
+        lambda: export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+    )
     tr.set_tags(
         {
             "data.fingerprint": exp.fingerprint,
@@ -106,7 +125,6 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
             f"with drop_last=true it must be <= the {len(split.train)} train samples",
         )
 
-    device = resolve_device(cfg.trainer.device)
     memory.start(device)  # before the datasets are built: storage=ram loads its data there
     seed = cfg.trainer.seed
     seed_everything(seed, cfg.trainer.deterministic)
@@ -135,7 +153,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         tr.log_metrics(metrics, step=epoch)
         log_series(tr, memory)
         history.append(metrics)
-        if cfg.trainer.checkpoint:
+        if cfg.trainer.checkpoint and distributed.is_rank0():  # torchrun: rank 0 writes them
             state = snapshot(cfg, tr.run_id, model, optimizer, train_loader, val_loader, history)
             checkpoints.save(epoch + 1, state)
 
@@ -161,6 +179,9 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
     )
     tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
+    distributed.record_params(model, cfg.paths.output_dir, tr)
+    if not distributed.is_rank0():
+        return final
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     if cfg.tracking.log_model:
         log_final_model(tr, model, cfg.model, exp.spec)

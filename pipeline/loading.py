@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from pipeline import distributed
 from pipeline.prefetch import ThreadPrefetcher
 from pipeline.seeding import EpochShuffle
 
@@ -114,6 +115,7 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
             persistent_workers=bool(cfg.persistent_workers),
             multiprocessing_context=_mp_context(cfg.multiprocessing_context),
         )
+    kwargs = distributed.shard(kwargs, dataset, seed)  # under torchrun: this rank's share
     loader = BatchedLoader(dataset, **kwargs)
     if getattr(cfg, "thread_prefetch", 0) > 0:  # hand-made loader configs may lack it
         return ThreadPrefetcher(loader, cfg.thread_prefetch)

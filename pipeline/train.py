@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline import progress
+from pipeline import distributed, progress
 from pipeline.loading import batching
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, memory=None) -> tup
         total += loss_fn(out, y)
         correct += (out.argmax(1) == y).sum()
         n += len(y)
+    total, correct, n = distributed.sum_all(total, correct, n)  # torchrun: over all ranks' shards
     return (total.item() / max(n, 1), correct.item() / max(n, 1))
 
 
@@ -86,12 +87,14 @@ def fit(
     start_epoch: int = 0,
 ) -> dict:
     model.to(device)
+    net = distributed.wrap(model, device)  # DDP under torchrun, else model
     optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     samples_seen = 0
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        net.train()
+        distributed.set_epoch(train_loader, epoch)
         total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         n = 0
@@ -99,7 +102,9 @@ def fit(
         if memory is not None:
             memory.mark_epoch(epoch)
         t0 = time.perf_counter()
-        batches = iter(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"))
+        batches = iter(
+            distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
+        )
         while True:
             tw = time.perf_counter()
             try:
@@ -113,7 +118,7 @@ def fit(
                 memory.check(f"in epoch {epoch}")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            out = model(x)
+            out = net(x)
             loss = loss_fn(out, y)
             loss.backward()
             optimizer.step()
@@ -123,6 +128,7 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
+        total, correct, n = distributed.sum_all(total, correct, n)  # torchrun: global figures
         samples_seen += n
         tv = time.perf_counter()
         val_loss, val_acc = evaluate(model, val_loader, device, memory)
@@ -157,7 +163,9 @@ def fit(
             on_epoch(epoch, metrics)
     batch_size, drop_last = batching(train_loader)
     epochs = cfg.epochs - start_epoch
-    expected = expected_samples(len(train_loader.dataset), batch_size, drop_last, epochs)
+    expected = distributed.sum_all(
+        expected_samples(distributed.local_len(train_loader), batch_size, drop_last, epochs)
+    )
     if samples_seen != expected:
         raise RuntimeError(
             f"saw {samples_seen} train samples, expected {expected} "

@@ -49,3 +49,12 @@ def run_cli(root: Path, *args: str, timeout: float = 300, env: dict | None = Non
 
 def sqlite_uri(root: Path) -> str:
     return f"sqlite:///{root}/outputs/mlflow.db"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite + artifacts under tmp_path/server); yields its URL."""
+    from tests.mlflow_server import serve
+
+    with serve(tmp_path / "server") as url:
+        yield url
