@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,15 +152,47 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
+class RankBatches(Sampler):
+    """This rank's share of a storage format's batch sampler: batches r, r+W, r+2W, ... of each epoch.
+
+    The inner sampler's epoch order depends on (seed, epoch) only, so every rank computes the same batches
+    and takes its own; together the ranks read every sample once per epoch, without padding.
+    """
+
+    def __init__(self, inner, rank: int, world: int) -> None:
+        self.inner, self.rank, self.world = inner, int(rank), int(world)
+        self.batch_size, self.drop_last = inner.batch_size, inner.drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if i % self.world == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.inner), self.world))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in this rank's batches per epoch (only the epoch's last batch may be short)."""
+        n_batches, bs, n = len(self.inner), self.batch_size, self.inner.n
+        mine = range(self.rank, n_batches, self.world)
+        total = len(mine) * bs
+        if not self.drop_last and n_batches and (n_batches - 1) in mine:
+            total -= n_batches * bs - n
+        return total
+
+
 def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
     """DataLoader kwargs with a ``ShardSampler`` replacing ``shuffle`` (unchanged outside torchrun)."""
     if not active():
         return loader_kwargs
     kwargs = dict(loader_kwargs)
-    if "batch_sampler" in kwargs:
-        raise NotImplementedError(
-            "under torchrun the storage's own batch sampler is not sharded yet; use a storage without one"
-        )
+    if "batch_sampler" in kwargs:  # a storage format's own batches (memmap, shards): deal them out
+        kwargs["batch_sampler"] = RankBatches(kwargs["batch_sampler"], rank(), world_size())
+        return kwargs
     shuffle = bool(kwargs.pop("shuffle", False)) or kwargs.get("sampler") is not None
     kwargs["sampler"] = ShardSampler(dataset, shuffle=shuffle, seed=int(seed))
     return kwargs
@@ -174,6 +206,9 @@ def set_epoch(loader, epoch: int) -> None:
 
 def local_len(loader) -> int:
     """Samples this rank's loader yields per epoch (before drop_last)."""
+    batches = getattr(loader, "batch_sampler", None)
+    if isinstance(batches, RankBatches):
+        return batches.num_samples
     sampler = getattr(loader, "sampler", None)
     return len(sampler) if isinstance(sampler, DistributedSampler) else len(loader.dataset)
 

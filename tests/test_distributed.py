@@ -58,3 +58,34 @@ def test_two_ranks_train_one_run_with_global_counts_and_equal_parameters(tmp_pat
     # rank 1 kept its files apart and created no MLflow run of its own
     assert (run_dir / "rank1" / "split.npz").exists()
     assert "rank 1 of 2" in proc.stderr + (run_dir / "cli.log").read_text()
+
+
+@pytest.mark.parametrize("storage", ["memmap", "shards"])
+def test_formats_with_their_own_batches_are_dealt_out_to_the_ranks(tmp_path, storage):
+    """memmap/shards make whole batches themselves: rank r takes batches r, r+2, ... -- every sample once."""
+    epochs = 2
+    proc = _torchrun(tmp_path, f"storage={storage}", f"trainer.epochs={epochs}", "loader.batch_size=100")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    client = MlflowClient(sqlite_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/samples_seen"] == 1437 * epochs  # 15 batches: 8 + 7, the last short
+    (run_dir,) = (tmp_path / "outputs" / "runs" / "torchrun").iterdir()
+    digests = {json.loads((run_dir / "dist" / f"rank{r}.json").read_text())["params_sha256"] for r in (0, 1)}
+    assert len(digests) == 1
+
+
+def test_rank_batches_split_every_sample_once():
+    from pipeline.distributed import RankBatches
+    from pipeline.storage.batching import RandomBatchSampler
+
+    for n, bs, drop_last in [(1437, 100, False), (1437, 100, True), (10, 3, False), (4, 5, False)]:
+        seen, counted = [], 0
+        for r in range(3):
+            part = RankBatches(RandomBatchSampler(n, bs, True, drop_last, seed=7), r, 3)
+            mine = [int(i) for b in part for i in b]
+            assert len(mine) == part.num_samples and len(list(part)) == len(part)
+            seen += mine
+            counted += part.num_samples
+        expected = (n // bs) * bs if drop_last else n
+        assert counted == expected and len(set(seen)) == expected

@@ -40,6 +40,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     seed = 0
     epoch = 0
+    n = 0  # positions per epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

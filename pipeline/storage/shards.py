@@ -167,6 +167,7 @@ class BlockShuffleBatchSampler(EpochBatches):
         self, shard_of, buffer_shards: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0
     ):
         self.shard_of = np.asarray(shard_of, dtype=np.int64)
+        self.n = len(self.shard_of)
         self.buffer_shards, self.batch_size = int(buffer_shards), int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
         by_shard = np.argsort(self.shard_of, kind="stable")
