@@ -145,6 +145,7 @@ class TrainerConfig:
     momentum: float = 0.9  # sgd only
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
+    torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
 
 
 def register_configs() -> None:
@@ -205,6 +207,15 @@ SYNTHETIC_DTYPES = ("float16", "float32", "float64", "uint8")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MP_CONTEXTS = ("auto", "fork", "spawn", "forkserver")
 TRISTATE = ("auto", "true", "false")
+OBJECTIVES = (
+    "val/accuracy",
+    "val/loss",
+    "train/accuracy",
+    "train/loss",
+    "perf/train_samples_per_s",
+    "perf/epoch_seconds",
+    "perf/data_wait_fraction",
+)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -264,6 +275,15 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.epochs", 1)
     _check(cfg.trainer.lr > 0, "trainer.lr", cfg.trainer.lr, "must be > 0, e.g. 0.001")
     _check(cfg.trainer.weight_decay >= 0, "trainer.weight_decay", cfg.trainer.weight_decay, ">= 0")
+    threads = cfg.trainer.torch_threads
+    _check(
+        threads == "auto" or (_is_int(threads) and threads >= 1),
+        "trainer.torch_threads",
+        threads,
+        "auto or an integer >= 1",
+    )
+    objective = OmegaConf.select(cfg, "objective", default="val/accuracy")
+    _check(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
     opt = cfg.trainer.optimizer
     _check(opt in OPTIMIZERS, "trainer.optimizer", opt, f"one of {OPTIMIZERS}")
     dev = cfg.trainer.device

@@ -10,7 +10,6 @@ records what they did.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -22,7 +21,8 @@ from pipeline.loading import build_loader
 from pipeline.memory import MemorySampler
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
-from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, git_info, prepare_store
+from pipeline.threads import apply_torch_threads
+from pipeline.tracking import TrackedRun, flatten, git_info, prepare_store, sweep_parent_run_id
 from pipeline.train import fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
         "hydra.overrides": _hydra_overrides(),
         **git_info(cfg.paths.root),
     }
-    with TrackedRun(uri, experiment_id, _run_name(cfg), os.environ.get(PARENT_ENV), tags) as tr:
+    with TrackedRun(uri, experiment_id, _run_name(cfg), sweep_parent_run_id(), tags) as tr:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
@@ -91,6 +91,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         )
 
     device = resolve_device(cfg.trainer.device)
+    tr.log_params({"torch.num_threads": apply_torch_threads(cfg.trainer.torch_threads)})
     torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
     train_loader = build_loader(
