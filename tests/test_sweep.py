@@ -35,7 +35,7 @@ def _sweep_runs(root: Path):
 
 
 def _sweep_dir(root: Path) -> Path:
-    dirs = [p.parent for p in (root / "outputs" / "multiruns").glob("*/*/multirun.yaml")]
+    dirs = [p.parent for p in (root / "outputs" / "multiruns").glob("*/*/.mlflow_parent_run_id")]
     assert len(dirs) == 1
     return dirs[0]
 
