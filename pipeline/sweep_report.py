@@ -193,8 +193,12 @@ def _plot(report: Report, path: Path, *, x: str, line: str, panel: str, metric: 
             ax.plot(xs, [sum(lines[label][v]) / len(lines[label][v]) for v in xs], marker="o", label=label)
         ax.set_title(f"{panel} = {name}")
         ax.set_xlabel(x.replace("_", " "))
-        if x == "batch_size" and lines:
+        ticks = sorted({v for values in lines.values() for v in values})
+        if x == "batch_size" and ticks:
             ax.set_xscale("log", base=2)
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         if lines:
             ax.legend(title=line.replace("_", " "), fontsize=8)
