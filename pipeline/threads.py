@@ -7,8 +7,9 @@
 - an integer N: ``torch.set_num_threads(N)``.
 - ``auto`` (default): when the job was started by a launcher that runs several jobs at once on this
   machine (``hydra/launcher=joblib``: ``hydra.launcher.n_jobs``), each job gets
-  ``max(1, usable cores // n_jobs)`` threads; in a SLURM job, ``$SLURM_CPUS_PER_TASK``; otherwise
-  torch's own default is kept (all cores for a single job).
+  ``max(1, usable cores // n_jobs)`` threads; under a submitit launcher with
+  ``hydra.launcher.cpus_per_task`` set, that many; in a SLURM job, ``$SLURM_CPUS_PER_TASK``;
+  otherwise torch's own default is kept (all cores for a single job).
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parallel_jobs() -> int | None:
-    """How many jobs the Hydra launcher runs at once on this machine, when it says so."""
+def _launcher() -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    launcher = HydraConfig.get().get("launcher") or {}
+    return (HydraConfig.get().get("launcher") or {}) if HydraConfig.initialized() else {}
+
+
+def launcher_cpus_per_task() -> int | None:
+    """``hydra.launcher.cpus_per_task`` of a submitit launcher, when set."""
+    launcher = _launcher()
+    n = launcher.get("cpus_per_task") if "submitit" in str(launcher.get("_target_", "")).lower() else None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def parallel_jobs() -> int | None:
+    """How many jobs the Hydra launcher runs at once on this machine, when it says so."""
+    launcher = _launcher()
     if "joblib" not in str(launcher.get("_target_", "")).lower():
         return None
     n = launcher.get("n_jobs")
@@ -43,10 +53,12 @@ def parallel_jobs() -> int | None:
     return n if n > 0 else max(1, usable_cores() + 1 + n)  # joblib: -1 = all cores, -2 = all but one
 
 
-def auto_threads(cores: int, jobs: int | None, slurm_cpus: str | None) -> int | None:
+def auto_threads(cores: int, jobs: int | None, slurm_cpus: str | None, cpus_per_task: int | None = None):
     """Threads for one job, or None to keep torch's default."""
     if jobs:
         return max(1, cores // jobs)
+    if cpus_per_task:
+        return cpus_per_task
     if slurm_cpus and slurm_cpus.isdigit() and int(slurm_cpus) > 0:
         return int(slurm_cpus)
     return None
@@ -55,7 +67,12 @@ def auto_threads(cores: int, jobs: int | None, slurm_cpus: str | None) -> int | 
 def apply_torch_threads(setting) -> int:
     """Set torch's intra-op threads from ``trainer.torch_threads``; return the number in effect."""
     if str(setting) == "auto":
-        n = auto_threads(usable_cores(), parallel_jobs(), os.environ.get("SLURM_CPUS_PER_TASK"))
+        n = auto_threads(
+            usable_cores(),
+            parallel_jobs(),
+            os.environ.get("SLURM_CPUS_PER_TASK"),
+            launcher_cpus_per_task(),
+        )
     else:
         n = int(setting)
     if n is not None and n != torch.get_num_threads():

@@ -144,10 +144,12 @@ def test_submitit_local_launcher(tmp_path):
         *TINY,
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=10",
+        "hydra.launcher.cpus_per_task=1",
         "loader.num_workers=0,1",
         timeout=900,
     )
-    _check_report(tmp_path, proc, 2)
+    parent, children, rows = _check_report(tmp_path, proc, 2)
+    assert {c.data.params["torch.num_threads"] for c in children} == {"1"}
     assert list(_sweep_dir(tmp_path).glob(".submitit/*/*_result.pkl"))
 
 

@@ -99,6 +99,7 @@ def test_auto_threads_split_cores_between_parallel_jobs():
     assert auto_threads(cores=16, jobs=3, slurm_cpus=None) == 5
     assert auto_threads(cores=2, jobs=8, slurm_cpus=None) == 1
     assert auto_threads(cores=64, jobs=None, slurm_cpus="8") == 8
+    assert auto_threads(cores=64, jobs=None, slurm_cpus=None, cpus_per_task=3) == 3  # submitit
     assert auto_threads(cores=64, jobs=None, slurm_cpus=None) is None  # keep torch's default
 
 
