@@ -83,6 +83,18 @@ class SyntheticConfig(SourceConfig):
 
 
 @dataclass
+class ImageFolderConfig(SourceConfig):
+    name: str = "image_folder"
+    root: str = MISSING  # one sub-folder per class
+    mode: str = "L"  # L (grey, [H, W]) | RGB ([H, W, 3])
+    size: List[int] = field(default_factory=lambda: [64, 64])  # [H, W]
+    extensions: List[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])
+    on_error: str = "skip"  # skip | fail: what an unreadable file or an escaping link does
+    check: str = "full"  # full (decode while listing) | header (faster; see sources/image_folder.py)
+    chunk_size: int = 256
+
+
+@dataclass
 class StorageConfig:
     name: str = MISSING
 
@@ -95,6 +107,11 @@ class PtStorageConfig(StorageConfig):
 @dataclass
 class NpyStorageConfig(StorageConfig):
     name: str = "npy"
+
+
+@dataclass
+class RamStorageConfig(StorageConfig):
+    name: str = "ram"
 
 
 @dataclass
@@ -146,6 +163,8 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
     torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
+    memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
+    memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
 
 
 @dataclass
@@ -175,6 +194,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
+    progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
 
 
 def register_configs() -> None:
@@ -184,8 +204,10 @@ def register_configs() -> None:
         ("source", "base_digits", DigitsConfig),
         ("source", "base_lfw", LFWConfig),
         ("source", "base_synthetic", SyntheticConfig),
+        ("source", "base_image_folder", ImageFolderConfig),
         ("storage", "base_pt", PtStorageConfig),
         ("storage", "base_npy", NpyStorageConfig),
+        ("storage", "base_ram", RamStorageConfig),
         ("split", "base_split", SplitConfig),
         ("loader", "base_loader", LoaderConfig),
         ("model", "base_mlp", MLPConfig),
@@ -261,6 +283,23 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(cfg, "source.min_faces_per_person", 0)
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
 
+    if src.name == "image_folder":
+        _check(
+            not OmegaConf.is_missing(src, "root"), "source.root", "???", "set it to a folder of class folders"
+        )
+        _check(Path(src.root).expanduser().is_dir(), "source.root", src.root, "must be an existing folder")
+        _check(src.mode in ("L", "RGB"), "source.mode", src.mode, "L (grey) or RGB")
+        size = list(src.size)
+        _check(
+            len(size) == 2 and all(_is_int(d) and d >= 1 for d in size), "source.size", size, "[H, W] >= 1"
+        )
+        _check(len(src.extensions) >= 1, "source.extensions", list(src.extensions), "e.g. [.png, .jpg]")
+        _check(src.on_error in ("skip", "fail"), "source.on_error", src.on_error, "skip or fail")
+        _check(src.check in ("full", "header"), "source.check", src.check, "full or header")
+        _positive_int(cfg, "source.chunk_size", 1)
+
+    _check(str(cfg.progress).lower() in TRISTATE, "progress", cfg.progress, f"one of {TRISTATE}")
+
     ratio = cfg.split.ratio
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")
 
@@ -294,6 +333,8 @@ def validate(cfg: DictConfig) -> None:
         "auto | cpu | cuda | cuda:N | mps",
     )
 
+    _check_memory(cfg.trainer)
+
     model = cfg.model
     for key in ("hidden", "channels"):
         if key in model and OmegaConf.is_list(model[key]):
@@ -314,3 +355,33 @@ def validate(cfg: DictConfig) -> None:
                 "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
             )
     _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+
+
+def _check_memory(trainer: DictConfig) -> None:
+    interval = trainer.memory_interval_s
+    _check(
+        isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0,
+        "trainer.memory_interval_s",
+        interval,
+        "must be a number of seconds > 0, e.g. 0.5",
+    )
+    budget = trainer.memory_budget_mb
+    if budget is None:
+        return
+    _check(
+        isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0,
+        "trainer.memory_budget_mb",
+        budget,
+        "must be null (no budget) or a number of MB > 0, e.g. 4000",
+    )
+    from pipeline.memory import snapshot
+
+    base = snapshot().used_mb
+    _check(
+        budget > base,
+        "trainer.memory_budget_mb",
+        budget,
+        f"below the {base:.0f} MB (memory/used_mb) this process already holds before loading any data "
+        f"(Python, torch and the pipeline's libraries); no run can fit in it -- give at least "
+        f"{base + 100:.0f}",
+    )

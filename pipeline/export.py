@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline.sources import SampleSpec, build_source
+from pipeline import progress
+from pipeline.sources import SampleSpec, build_source, source_identity
 from pipeline.storage import get_format
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def fingerprint(source_cfg, storage_cfg) -> str:
         "source": _plain(source_cfg),
         "storage": _plain(storage_cfg),
     }
+    identity = source_identity(source_cfg)  # e.g. an image folder's file listing
+    if identity is not None:
+        payload["source_identity"] = identity
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -195,7 +199,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         spec.dtype,
         tmp.parent / name,
     )
-    for x, y in source.chunks():
+    for x, y in progress.samples(source.chunks(), spec.num_samples, "export"):
         x = np.ascontiguousarray(x, dtype=spec.dtype)
         if x.shape[1:] != spec.shape or len(x) != len(y):
             raise ExportError(

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from pipeline import plots, progress
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
 from pipeline.loading import build_loader
 from pipeline.memory import MemorySampler
+from pipeline.memory_record import log_final, log_series
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
 from pipeline.threads import apply_torch_threads
@@ -42,6 +44,7 @@ def _run_name(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
@@ -54,14 +57,18 @@ def run(cfg: DictConfig) -> dict:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
+        memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir)
+            return _stages(cfg, tr, output_dir, memory)
         finally:
+            log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
+            for handler in logging.getLogger().handlers:  # the job's log file complete before upload
+                handler.flush()
             for logfile in output_dir.glob("*.log"):
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler) -> dict:
     exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
     tr.set_tags(
         {
@@ -75,6 +82,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
 
     split = partition(exp.labels, cfg.split)
     tr.log_artifact(save_split(split, output_dir / "split.npz"))
+    tr.log_artifact(plots.sample_grid(exp, output_dir / "plots" / "samples.png"), "plots")
     tr.set_tags({"split.digest": split.digest, "split.stratified": str(split.stratified).lower()})
     tr.log_params(
         {
@@ -92,6 +100,7 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
 
     device = resolve_device(cfg.trainer.device)
     tr.log_params({"torch.num_threads": apply_torch_threads(cfg.trainer.torch_threads)})
+    memory.start(device)  # before the datasets are built: storage=ram loads its data there
     torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
     train_loader = build_loader(
@@ -100,6 +109,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
     val_loader = build_loader(
         exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device
     )
+    memory.sample()
+    memory.check("after building the datasets")
     model = build_model(cfg.model, exp.spec)
     log.info(
         "train: %d train / %d val samples, %s on %s",
@@ -108,23 +119,15 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path) -> dict:
         cfg.model.name,
         device,
     )
-    with MemorySampler() as memory:
-        final = fit(
-            model,
-            train_loader,
-            val_loader,
-            cfg.trainer,
-            device=device,
-            memory=memory,
-            on_epoch=lambda epoch, metrics: tr.log_metrics(metrics, step=epoch),
-        )
-    tr.log_metrics(
-        {
-            "memory/peak_used_mb": memory.peak["used_mb"],
-            "memory/peak_mapped_file_mb": memory.peak["mapped_file_mb"],
-            "memory/peak_rss_main_mb": memory.peak["rss_main_mb"],
-            "train/samples_seen": final["train/samples_seen"],
-        },
-        step=cfg.trainer.epochs - 1,
+    final = fit(
+        model,
+        train_loader,
+        val_loader,
+        cfg.trainer,
+        device=device,
+        memory=memory,
+        on_epoch=lambda epoch, metrics: (tr.log_metrics(metrics, step=epoch), log_series(tr, memory)),
     )
+    tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
+    plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     return final

@@ -7,9 +7,11 @@
 Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
 ``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
 (share of the train pass spent waiting for the next batch), ``perf/data_wait_seconds``,
-``perf/compute_seconds``, ``perf/val_seconds`` and, with a memory sampler, the epoch's peak
-``memory/used_mb``, ``memory/mapped_file_mb`` and ``memory/rss_main_mb``. At the end the number of
-train samples seen is checked against len(train) x epochs.
+``perf/compute_seconds``, ``perf/val_seconds`` and, with a memory sampler, the epoch's peaks
+``memory/epoch_peak_<figure>`` (``used_mb``, ``mapped_file_mb``, ``uss_workers_mb``, ...; the sampled
+series itself is ``memory/<figure>``). With a sampler, epoch starts are marked on its timeline and its
+budget is checked on every step. At the end the number of train samples seen is checked against
+len(train) x epochs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from pipeline import progress
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +54,15 @@ def expected_samples(n_train: int, batch_size: int, drop_last: bool, epochs: int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, memory=None) -> tuple[float, float]:
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in loader:
+        if memory is not None:
+            memory.check("during validation")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         total += loss_fn(out, y)
@@ -86,8 +92,10 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         n = 0
         wait = 0.0
+        if memory is not None:
+            memory.mark_epoch(epoch)
         t0 = time.perf_counter()
-        batches = iter(train_loader)
+        batches = iter(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"))
         while True:
             tw = time.perf_counter()
             try:
@@ -95,8 +103,10 @@ def fit(
             except StopIteration:
                 break
             wait += time.perf_counter() - tw
-            if n == 0 and memory is not None:
-                memory.sample()  # workers are alive now, however short the epoch
+            if memory is not None:
+                if n == 0:
+                    memory.sample()  # workers are alive now, however short the epoch
+                memory.check(f"in epoch {epoch}")
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
@@ -111,7 +121,7 @@ def fit(
         train_s = time.perf_counter() - t0
         samples_seen += n
         tv = time.perf_counter()
-        val_loss, val_acc = evaluate(model, val_loader, device)
+        val_loss, val_acc = evaluate(model, val_loader, device, memory)
         metrics = {
             "train/loss": total.item() / max(n, 1),
             "train/accuracy": correct.item() / max(n, 1),
@@ -125,7 +135,8 @@ def fit(
             "perf/val_seconds": time.perf_counter() - tv,
         }
         if memory is not None:
-            metrics.update({f"memory/{k}": v for k, v in memory.take_epoch().items()})
+            metrics.update({f"memory/epoch_peak_{k}": v for k, v in memory.take_epoch().items()})
+            memory.check(f"at the end of epoch {epoch}")
         log.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.0f samples/s, "
             "%.0f%% waiting for data",

@@ -20,6 +20,7 @@ import numpy as np
 
 SOURCES = {
     "digits": "pipeline.sources.digits",
+    "image_folder": "pipeline.sources.image_folder",
     "lfw": "pipeline.sources.lfw",
     "synthetic": "pipeline.sources.synthetic",
 }
@@ -50,6 +51,17 @@ def build_source(cfg) -> Source:
     if cfg.name not in SOURCES:
         raise ValueError(f"Unknown source {cfg.name!r}; valid: {sorted(SOURCES)}")
     return importlib.import_module(SOURCES[cfg.name]).build(cfg)
+
+
+def source_identity(cfg) -> dict | None:
+    """What defines a source's data besides its config (e.g. the files in a folder); None if nothing.
+
+    A source module may define ``identity(cfg)``; the export fingerprint includes its result.
+    """
+    if cfg["name"] not in SOURCES:
+        return None
+    identity = getattr(importlib.import_module(SOURCES[cfg["name"]]), "identity", None)
+    return identity(cfg) if identity is not None else None
 
 
 def chunked(x: np.ndarray, y: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -18,6 +18,7 @@ from types import ModuleType
 FORMATS = {
     "pt": "pipeline.storage.pt",
     "npy": "pipeline.storage.npy",
+    "ram": "pipeline.storage.ram",
 }
 
 

@@ -1,0 +1,122 @@
+"""Config groups compose, types are checked at compose time, and bad values are refused early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from pipeline.config import ConfigError, validate
+from tests.conftest import CONF_DIR, compose_cfg, run_cli
+
+GROUPS = ["source", "storage", "split", "loader", "model", "trainer", "tracking", "paths", "experiment"]
+
+
+# options with a required key: the extra overrides they need to validate ({root} = the test's tmp_path)
+REQUIRED = {("source", "image_folder"): ["source.root={root}"]}
+
+
+def _options():
+    for group in GROUPS:
+        for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group,option", list(_options()))
+def test_every_option_composes_and_validates(tmp_path, group, option):
+    extra = [o.format(root=tmp_path) for o in REQUIRED.get((group, option), [])]
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", *extra])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    validate(cfg)
+    if group not in ("experiment",):
+        assert group in cfg
+
+
+def test_default_config_values(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.source.name == "digits" and cfg.storage.name == "pt"
+    assert cfg.split.ratio == 0.8 and cfg.loader.batch_size == 64 and cfg.loader.shuffle
+    assert cfg.paths.data_dir == f"{tmp_path}/outputs/data"
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/outputs/mlflow.db"
+
+
+def test_tracking_uri_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert compose_cfg(tmp_path).tracking.uri == "http://127.0.0.1:5999"
+
+
+def test_seed_lfw_experiment_matches_the_blog_post(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=seed_lfw"])
+    assert (cfg.source.name, cfg.storage.name) == ("lfw", "pt")
+    assert (cfg.split.ratio, cfg.loader.batch_size, cfg.loader.shuffle, cfg.trainer.epochs) == (
+        0.8,
+        64,
+        True,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["loader.batch_size=abc", "source=synthetic source.num_samples=many", "trainer.lr=fast"],
+)
+def test_wrong_type_fails_at_compose_time(tmp_path, override):
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        compose_cfg(tmp_path, override.split())
+
+
+def test_unknown_key_fails_at_compose_time(tmp_path):
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        compose_cfg(tmp_path, ["loader.batchsize=32"])
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["loader.batch_size=0"], "loader.batch_size"),
+        (["loader.batch_size=-3"], "loader.batch_size"),
+        (["split.ratio=0"], "split.ratio"),
+        (["split.ratio=1.0"], "split.ratio"),
+        (["split.ratio=1.5"], "split.ratio"),
+        (["loader.num_workers=-1"], "loader.num_workers"),
+        (["loader.prefetch_factor=0"], "loader.prefetch_factor"),
+        (["loader.pin_memory=sometimes"], "loader.pin_memory"),
+        (["loader.multiprocessing_context=thread"], "loader.multiprocessing_context"),
+        (["trainer.epochs=0"], "trainer.epochs"),
+        (["trainer.lr=0"], "trainer.lr"),
+        (["trainer.optimizer=lbfgs"], "trainer.optimizer"),
+        (["trainer.device=tpu"], "trainer.device"),
+        (["source=synthetic", "source.num_samples=1"], "source.num_samples"),
+        (["source=synthetic", "source.shape=[0,4]"], "source.shape"),
+        (["source=synthetic", "source.dtype=int4"], "source.dtype"),
+        (["source=synthetic", "source.shape=[10]", "model=cnn"], "source.shape"),
+        (["model.hidden=[]"], "model.hidden"),
+        (["source=lfw", "source.resize=0"], "source.resize"),
+    ],
+)
+def test_validate_names_the_bad_key(tmp_path, overrides, key):
+    cfg = compose_cfg(tmp_path, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("loader.batch_size=0", "loader.batch_size=0"),
+        ("split.ratio=1.5", "split.ratio=1.5"),
+        ("loader.num_workers=-1", "loader.num_workers=-1"),
+        ("source=bogus", "source"),
+        ("storage=bogus", "storage"),
+    ],
+)
+def test_cli_refuses_bad_values_before_any_export(tmp_path, override, needle):
+    proc = run_cli(tmp_path, override)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert not (tmp_path / "outputs" / "data").exists()

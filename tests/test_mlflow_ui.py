@@ -1,0 +1,193 @@
+"""The MLflow UI, checked in a real browser: a job logs to a real ``mlflow server`` on 127.0.0.1, then
+headless Chromium opens the run's page and the plot artifacts' pages.
+
+Needs Debian's ``chromium`` package (``apt-get install -y chromium``); skipped with that instruction when
+no Chromium is installed. Screenshots are saved under the test's tmp dir and copied to
+``outputs/test-artifacts/mlflow_ui/`` in the checkout (git-ignored); the test prints where.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from html import unescape
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import REPO, run_cli
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+PLOTS = ("samples.png", "loss.png", "accuracy.png", "confusion_matrix.png")
+# flags that work in this sandbox: no GPU, no sandbox as root, no background traffic to Google
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1200",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="no Chromium: install Debian's package (apt-get install -y chromium)"
+    ),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact folder; yields its URL."""
+    store = tmp_path / "server"
+    store.mkdir()
+    port = _free_port()
+    log = open(store / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--artifacts-destination",
+            str(store / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=store,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so its uvicorn worker is stopped with it
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up: {(store / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _chromium(tmp_path: Path, *args: str, budget_ms: int) -> str:
+    profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"  # fresh, empty profile every time
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _js_number(value: float) -> str:
+    """How JavaScript prints a float: the shortest round-trip digits, like repr, but 1 for 1.0."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _page_text(html: str) -> str:
+    text = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"\s+", " ", unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def _dump_until(tmp_path: Path, url: str, wanted: list[str]) -> str:
+    """The page's DOM once the UI has rendered everything in ``wanted`` (retrying with more time)."""
+    for budget in (20_000, 60_000):
+        dom = _chromium(tmp_path, "--dump-dom", url, budget_ms=budget)
+        if all(w in dom for w in wanted):
+            return dom
+    missing = [w for w in wanted if w not in dom]
+    pytest.fail(f"{url} never showed {missing}; page text: {_page_text(dom)[:3000]}")
+
+
+def _screenshot(tmp_path: Path, url: str, name: str) -> Path:
+    path = tmp_path / "screenshots" / name
+    path.parent.mkdir(exist_ok=True)
+    _chromium(tmp_path, f"--screenshot={path}", url, budget_ms=30_000)
+    with Image.open(path) as img:
+        assert img.size == (1600, 1200) and np.asarray(img.convert("L")).std() > 10  # not a blank page
+    keep = REPO / "outputs" / "test-artifacts" / "mlflow_ui"
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, keep / name)
+    print(f"screenshot: {keep / name} (and {path})")
+    return path
+
+
+def test_run_page_shows_params_metrics_and_plots(tmp_path, mlflow_server):
+    proc = run_cli(tmp_path, "trainer.epochs=2", f"tracking.uri={mlflow_server}", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("pipeline")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    run_page = f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+
+    # Overview: parameter names and values, metric names and values, as the UI renders them
+    params, metrics = run.data.params, run.data.metrics
+    wanted = ["loader.batch_size", "trainer.epochs", "source.name", "val/accuracy", "train/loss"]
+    text = _page_text(_dump_until(tmp_path, run_page, wanted))
+    for key in ("loader.batch_size", "trainer.epochs", "source.name", "storage.name"):
+        assert re.search(rf"{re.escape(key)} {re.escape(params[key])}\b", text), key
+    for key in ("val/accuracy", "train/loss", "val/loss"):
+        assert f"{key} {_js_number(metrics[key])}" in text, key  # the UI prints the full float
+    _screenshot(tmp_path, run_page, "run_overview.png")
+
+    # Artifacts: each plot's page shows the image, fetched from the server into the page (a blob: URL)
+    served = Path(client.download_artifacts(run.info.run_id, "plots", str(tmp_path / "down")))
+    local = sorted((tmp_path / "outputs" / "runs").glob("*/*/plots"))[0]
+    for name in PLOTS:
+        assert (served / name).read_bytes() == (local / name).read_bytes(), name  # the server has the file
+        page = f"{run_page}/artifacts/plots/{name}"
+        dom = _dump_until(tmp_path, page, [f'alt="plots/{name}"'])
+        assert re.search(rf'<img alt="plots/{re.escape(name)}" src="blob:', dom), name
+    _screenshot(tmp_path, f"{run_page}/artifacts/plots/loss.png", "artifact_loss.png")
+    _screenshot(tmp_path, f"{run_page}/artifacts/plots/samples.png", "artifact_samples.png")
