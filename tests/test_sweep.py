@@ -7,9 +7,9 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, sqlite_uri
 
 from pipeline.sweep_report import CSV_NAME, MD_NAME, MEMORY_PNG, THROUGHPUT_PNG
+from tests.conftest import run_cli, sqlite_uri
 
 TINY = ["trainer.epochs=1", "model.hidden=[16]"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_cfg
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import ConfigError, validate
@@ -23,6 +22,7 @@ from pipeline.sweep_report import (
     write_report,
 )
 from pipeline.threads import apply_torch_threads, auto_threads
+from tests.conftest import CONF_DIR, compose_cfg
 
 
 def _row(run_id, bs, nw, storage, sps, status="FINISHED", peak=300.0):
