@@ -11,6 +11,7 @@ ConfigStore as ``base_*``), so a wrong type or an unknown key fails when Hydra c
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
+    verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
     progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
 
 
@@ -277,7 +279,7 @@ def validate(cfg: DictConfig) -> None:
             "a non-empty list of integers >= 1, e.g. [62, 47]",
         )
         _check(src.dtype in SYNTHETIC_DTYPES, "source.dtype", src.dtype, f"one of {SYNTHETIC_DTYPES}")
-        _check(src.noise >= 0, "source.noise", src.noise, "must be >= 0")
+        _check(math.isfinite(src.noise) and src.noise >= 0, "source.noise", src.noise, "must be >= 0")
     if src.name == "lfw":
         _check(0 < src.resize <= 1.0, "source.resize", src.resize, "must be in (0, 1]")
         _positive_int(cfg, "source.min_faces_per_person", 0)
@@ -304,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")
 
     _positive_int(cfg, "loader.batch_size", 1)
+    _check_sizes(cfg)
     _positive_int(cfg, "loader.num_workers", 0)
     _positive_int(cfg, "loader.prefetch_factor", 1)
     pin = str(cfg.loader.pin_memory).lower()
@@ -312,8 +315,6 @@ def validate(cfg: DictConfig) -> None:
     _check(ctx in MP_CONTEXTS, "loader.multiprocessing_context", ctx, f"one of {MP_CONTEXTS}")
 
     _positive_int(cfg, "trainer.epochs", 1)
-    _check(cfg.trainer.lr > 0, "trainer.lr", cfg.trainer.lr, "must be > 0, e.g. 0.001")
-    _check(cfg.trainer.weight_decay >= 0, "trainer.weight_decay", cfg.trainer.weight_decay, ">= 0")
     threads = cfg.trainer.torch_threads
     _check(
         threads == "auto" or (_is_int(threads) and threads >= 1),
@@ -323,6 +324,12 @@ def validate(cfg: DictConfig) -> None:
     )
     objective = OmegaConf.select(cfg, "objective", default="val/accuracy")
     _check(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
+    lr = cfg.trainer.lr
+    _check(math.isfinite(lr) and lr > 0, "trainer.lr", lr, "must be a finite number > 0, e.g. 0.001")
+    wd = cfg.trainer.weight_decay
+    _check(math.isfinite(wd) and wd >= 0, "trainer.weight_decay", wd, "must be a finite number >= 0")
+    mom = cfg.trainer.momentum
+    _check(math.isfinite(mom) and mom >= 0, "trainer.momentum", mom, "must be a finite number >= 0")
     opt = cfg.trainer.optimizer
     _check(opt in OPTIMIZERS, "trainer.optimizer", opt, f"one of {OPTIMIZERS}")
     dev = cfg.trainer.device
@@ -355,6 +362,39 @@ def validate(cfg: DictConfig) -> None:
                 "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
             )
     _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+    for key in ("uri", "experiment"):
+        value = cfg.tracking[key]
+        _check(
+            isinstance(value, str) and value.strip() != "",
+            f"tracking.{key}",
+            value,
+            "a non-empty string, e.g. uri=sqlite:////abs/mlflow.db or http://127.0.0.1:5000",
+        )
+
+
+def _check_sizes(cfg: DictConfig) -> None:
+    """Split and batch sizes against the sample count, when the source knows it before export."""
+    from pipeline.sources import declared_count
+
+    n = declared_count(cfg.source)
+    if n is None:  # known only after export (lfw): partition and job.py check the same things then
+        return
+    ratio, bs = cfg.split.ratio, cfg.loader.batch_size
+    n_train = int(n * ratio)
+    _check(
+        0 < n_train < n,
+        "split.ratio",
+        ratio,
+        f"leaves {'train' if n_train == 0 else 'val'} empty for the {n} samples of source={cfg.source.name} "
+        f"(train would hold int({n} * {ratio}) = {n_train}); valid: 1 <= int({n} * ratio) <= {n - 1}",
+    )
+    _check(
+        not cfg.loader.drop_last or bs <= n_train,
+        "loader.batch_size",
+        bs,
+        f"with loader.drop_last=true it must be <= the {n_train} train samples "
+        f"(split.ratio={ratio} of {n}), or no batch would ever be trained",
+    )
 
 
 def _check_memory(trainer: DictConfig) -> None:
@@ -381,7 +421,7 @@ def _check_memory(trainer: DictConfig) -> None:
         budget > base,
         "trainer.memory_budget_mb",
         budget,
-        f"below the {base:.0f} MB (memory/used_mb) this process already holds before loading any data "
-        f"(Python, torch and the pipeline's libraries); no run can fit in it -- give at least "
-        f"{base + 100:.0f}",
+        f"too small to start: this process already uses {base:.0f} MB (memory/used_mb), which it already "
+        f"holds before loading any data (Python, torch and the pipeline's libraries); give at least "
+        f"{base + 100:.0f}, or null for no budget",
     )

@@ -9,10 +9,17 @@ the source and storage configs (and the layout version). It is built in a hidden
 beside it and renamed into place only when every file and the manifest are written and synced, so a
 folder with that name is always complete. A complete export is reused, never rewritten. An
 inter-process lock per export makes concurrent jobs build it once: the others wait, then reuse it.
+
+Every file's size, mtime and sha256 go into ``files.json`` (see pipeline/integrity.py). Opening an
+export checks them cheaply every time -- a missing, added, resized or re-written file fails with its
+name -- and ``verify=True`` (config ``verify=true``) re-hashes every file. A build that fails (disk
+full, permissions, a kill) leaves no folder under the published name; a killed build's hidden temp
+folder is removed by the next build.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,18 +36,17 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline import progress
+from pipeline.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
 from pipeline.sources import SampleSpec, build_source, source_identity
 from pipeline.storage import get_format
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 1
-MANIFEST = "manifest.json"
+LAYOUT_VERSION = 2  # 2: files.json with per-file digests
 LABELS = "labels.npy"
 
 
-class ExportError(RuntimeError):
-    """An export folder that is missing, incomplete or does not match its manifest."""
+MANIFEST_KEYS = ("fingerprint", "name", "source", "storage", "num_samples", "shape", "dtype", "num_classes")
 
 
 @dataclass
@@ -92,43 +98,57 @@ def export_name(source_cfg, storage_cfg) -> str:
     return f"{source_cfg.name}-{storage_cfg.name}-{fingerprint(source_cfg, storage_cfg)}"
 
 
-def _walk_files(root: Path) -> tuple[int, int]:
-    """Number of files and their total bytes under ``root`` (the manifest not included)."""
-    count = total = 0
-    stack = [root]
-    while stack:
-        with os.scandir(stack.pop()) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.name != MANIFEST or Path(entry.path).parent != root:
-                    count += 1
-                    total += entry.stat(follow_symlinks=False).st_size
-    return count, total
+def _config_only(source: dict) -> bool:
+    """True when the source's data is defined by its config alone (no ``identity`` hook)."""
+    import importlib
+
+    from pipeline.sources import SOURCES
+
+    name = source.get("name")
+    return name in SOURCES and getattr(importlib.import_module(SOURCES[name]), "identity", None) is None
 
 
-def open_export(root: Path) -> Export:
-    """Open a published export, checking its manifest and (cheaply) its files' count and size."""
+def open_export(root: Path, verify: bool = False) -> Export:
+    """Open a published export: its manifest, its files (cheap checks; digests with ``verify``), labels.
+
+    Raises IntegrityError naming what disagrees; training must never start on such data.
+    """
     root = Path(root)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ExportError(f"{root} is not a complete export: {MANIFEST} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{manifest_path} is not valid JSON: {err}") from err
-    count, total = _walk_files(root)
-    want = manifest["files"]
-    if (count, total) != (want["count"], want["bytes"]):
-        raise ExportError(
-            f"{root} does not match its manifest: {count} files / {total} bytes on disk, "
-            f"manifest says {want['count']} files / {want['bytes']} bytes "
-            "(a file was removed, truncated or added after export); delete the folder to re-export"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{manifest_path} is not valid JSON: {err}") from err
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise IntegrityError(f"{manifest_path} lacks {missing}; delete {root} to re-export")
+    want = manifest["fingerprint"]
+    if _config_only(manifest["source"]):  # sources with an identity (a folder listing) are not re-scanned
+        want = fingerprint(manifest["source"], manifest["storage"])
+    if manifest["fingerprint"] != want or manifest["name"] != root.name or not root.name.endswith(want):
+        raise IntegrityError(
+            f"{manifest_path} disagrees with its folder: its source/storage configs hash to {want}, "
+            f"manifest fingerprint {manifest['fingerprint']}, folder {root.name}; delete {root} to re-export"
         )
-    labels = np.load(root / LABELS, allow_pickle=False)
-    if labels.shape != (manifest["num_samples"],):
-        raise ExportError(
-            f"{root / LABELS} holds {labels.shape} labels, manifest says {manifest['num_samples']}"
+    files = check_files(root, manifest, verify=verify)
+    spec = Export(root, manifest, np.empty(0), True).spec
+    fmt = get_format(manifest["storage"]["name"])
+    if hasattr(fmt, "check"):  # a format's own structural check (optional)
+        fmt.check(root, spec, {rel: v[0] for rel, v in files.items()})
+    try:
+        labels = np.load(root / LABELS, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{root / LABELS} cannot be read: {err}") from err
+    if labels.shape != (manifest["num_samples"],) or labels.dtype.kind not in "iu":
+        raise IntegrityError(
+            f"{root / LABELS} holds {labels.shape} {labels.dtype} labels, manifest says "
+            f"{manifest['num_samples']} integer labels"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
+        raise IntegrityError(
+            f"{root / LABELS} holds labels outside [0, {manifest['num_classes']}) (manifest num_classes)"
         )
     return Export(root=root, manifest=manifest, labels=labels, reused=True)
 
@@ -148,15 +168,28 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def export(source_cfg, storage_cfg, data_dir) -> Export:
-    """Return the export for these configs, building it first if no complete one exists."""
+def export(source_cfg, storage_cfg, data_dir, verify: bool = False) -> Export:
+    """Return the export for these configs, building it first if no complete one exists.
+
+    A reused export is checked (cheaply, or every digest with ``verify``); a build that fails for lack
+    of space or permission raises ExportError saying so, and leaves nothing under the published name.
+    """
     data_dir = Path(data_dir)
     name = export_name(source_cfg, storage_cfg)
     final = data_dir / name
-    with _locked(data_dir / ".locks" / f"{name}.lock"):
+    lock_path = data_dir / ".locks" / f"{name}.lock"
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        open(lock_path, "a").close()
+    except OSError as err:
+        raise ExportError(
+            f"cannot write to the data dir {data_dir}: {err.strerror or err} ({err.filename}); "
+            "set paths.data_dir to a writable folder"
+        ) from err
+    with _locked(lock_path):
         if (final / MANIFEST).is_file():
-            exp = open_export(final)
-            log.info("export: reusing %s", final)
+            exp = open_export(final, verify=verify)
+            log.info("export: reusing %s%s", final, " (every digest verified)" if verify else "")
             return exp
         if final.exists():  # no manifest: cannot be ours, never trust it
             raise ExportError(f"{final} exists but has no {MANIFEST}; delete it to re-export")
@@ -167,12 +200,34 @@ def export(source_cfg, storage_cfg, data_dir) -> Export:
             _build(tmp, source_cfg, storage_cfg, name)
             os.rename(tmp, final)
             _fsync_dir(data_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise ExportError(_write_failure(err, data_dir, final)) from err
             raise
-    exp = open_export(final)
+    exp = open_export(final)  # just hashed from disk: the cheap check is enough
     exp.reused = False
     return exp
+
+
+def _write_failure(err: OSError, data_dir: Path, final: Path) -> str:
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "a file exceeds the size limit",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+    }.get(err.errno, "a write failed")
+    try:
+        free = f"{shutil.disk_usage(data_dir).free / 1e6:.1f} MB free in {data_dir}"
+    except OSError:
+        free = f"free space in {data_dir} unknown"
+    return (
+        f"export of {final.name} failed: {why} ({err.strerror or err}: {err.filename}; {free}). "
+        "The partial export was removed and nothing was published; free space or fix permissions "
+        "(or set paths.data_dir) and rerun"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -187,6 +242,12 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
     t0 = time.perf_counter()
     source = build_source(source_cfg)
     spec = source.spec
+    need, free = spec.num_samples * spec.sample_bytes, shutil.disk_usage(tmp.parent).free
+    if need > free:  # a lower bound (formats add overhead): refuse before writing anything
+        raise ExportError(
+            f"not enough disk space for {name}: its {spec.num_samples} samples need at least "
+            f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free in {tmp.parent}; free space or set paths.data_dir"
+        )
     tmp.mkdir(parents=True)
     writer = get_format(storage_cfg.name).Writer(tmp, spec, storage_cfg)
     labels = np.empty(spec.num_samples, dtype=np.int64)
@@ -227,7 +288,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
     np.save(tmp / LABELS, labels, allow_pickle=False)
     os.sync()  # every sample on disk before the manifest says the export is complete
-    count, total = _walk_files(tmp)
+    files = write_file_list(tmp, getattr(writer, "digests", None))  # size, mtime, sha256 per file
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "fingerprint": name.rsplit("-", 1)[-1],
@@ -240,7 +301,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
         "content_sha256": digest.hexdigest(),
-        "files": {"count": count, "bytes": total},
+        "files": files,
         "export_seconds": round(time.perf_counter() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -250,4 +311,4 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         os.fsync(fh.fileno())
     os.rename(manifest_tmp, tmp / MANIFEST)
     _fsync_dir(tmp)
-    log.info("export: %d samples, %.1f MB in %.2f s", done, total / 1e6, time.perf_counter() - t0)
+    log.info("export: %d samples, %.1f MB in %.2f s", done, files["bytes"] / 1e6, time.perf_counter() - t0)

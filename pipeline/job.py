@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from pipeline import plots, progress
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
-from pipeline.loading import build_loader
+from pipeline.loading import build_loader, worker_failure
 from pipeline.memory import MemorySampler
 from pipeline.memory_record import log_final, log_series
 from pipeline.models import build_model
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler) -> dict:
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     tr.set_tags(
         {
             "data.fingerprint": exp.fingerprint,
@@ -119,15 +119,21 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         cfg.model.name,
         device,
     )
-    final = fit(
-        model,
-        train_loader,
-        val_loader,
-        cfg.trainer,
-        device=device,
-        memory=memory,
-        on_epoch=lambda epoch, metrics: (tr.log_metrics(metrics, step=epoch), log_series(tr, memory)),
-    )
+    try:
+        final = fit(
+            model,
+            train_loader,
+            val_loader,
+            cfg.trainer,
+            device=device,
+            memory=memory,
+            on_epoch=lambda epoch, metrics: (tr.log_metrics(metrics, step=epoch), log_series(tr, memory)),
+        )
+    except RuntimeError as err:
+        clear = worker_failure(err)
+        if clear is None:
+            raise
+        raise clear from err
     tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
     return final

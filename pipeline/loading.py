@@ -8,7 +8,8 @@ numpy and ``random`` from its torch seed, so a rerun sees the same order. ``pref
 ``persistent_workers`` are passed only with workers (DataLoader rejects them otherwise);
 ``pin_memory=auto`` pins only when training on CUDA; ``multiprocessing_context=auto`` forks where
 the platform can (launchers such as joblib change the default start method to one DataLoader
-workers cannot use).
+workers cannot use). ``worker_failure(err)`` turns torch's "DataLoader worker ... killed" error
+into one that says what happened and what to do.
 """
 
 from __future__ import annotations
@@ -59,3 +60,19 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device) 
             multiprocessing_context=_mp_context(cfg.multiprocessing_context),
         )
     return DataLoader(dataset, **kwargs)
+
+
+class WorkerDied(RuntimeError):
+    """A DataLoader worker process died mid-epoch (killed, or out of memory): the run stops."""
+
+
+def worker_failure(err: BaseException) -> WorkerDied | None:
+    """A clear error for a dead DataLoader worker, or None when ``err`` is something else."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    return WorkerDied(
+        f"{text.strip()} -- a DataLoader worker process died mid-epoch, so the run stopped rather than "
+        "train on an incomplete epoch. A worker killed by signal 9 (Killed) is usually the kernel's OOM "
+        "killer (see `dmesg`): lower loader.num_workers, loader.batch_size or loader.prefetch_factor"
+    )

@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,39 +58,99 @@ def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
 
+# While checking the store at start: one quick try, not MLflow's default retries (minutes on a dead host).
+CHECK_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+}
+
+
+@contextmanager
+def _quick_http():
+    saved = {k: os.environ.get(k) for k in CHECK_HTTP_ENV}
+    os.environ.update(CHECK_HTTP_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def prepare_store(uri: str, experiment: str, artifact_location: str | None = None) -> str:
     """Create the store and the experiment if needed; return the experiment id.
 
-    Fails at once, naming the URI, when the store cannot be reached or written.
+    Fails at once (seconds, even for a dead HTTP server), naming the URI, when the store cannot be
+    reached or written: the check writes an experiment tag and, for local artifact folders, a file.
     """
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        client = _client(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if artifact_location and _is_local(uri):
-                location = Path(artifact_location).resolve().as_uri()
-            try:
-                return client.create_experiment(experiment, artifact_location=location)
-            except Exception:  # another process created it a moment ago
-                exp = client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-        if exp.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"MLflow experiment {experiment!r} in {uri} is deleted; restore it or set "
-                "tracking.experiment to another name"
-            )
-        return exp.experiment_id
+        with _quick_http():
+            if uri.startswith("sqlite:///"):
+                _check_sqlite(uri[len("sqlite:///") :].split("?", 1)[0])
+            exp_id = _get_or_create(uri, experiment, artifact_location)
+            client = _client(uri)
+            client.set_experiment_tag(exp_id, "pipeline.store_checked", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            _check_artifact_dir(client.get_experiment(exp_id).artifact_location)
+            return exp_id
     except TrackingError:
         raise
     except Exception as err:
         raise TrackingError(
-            f"MLflow tracking store {uri} cannot be used: {type(err).__name__}: {err}. "
-            "Check tracking.uri / MLFLOW_TRACKING_URI"
+            f"MLflow tracking store {uri} cannot be used: {type(err).__name__}: "
+            f"{str(err).strip()[:500]}. Check tracking.uri / MLFLOW_TRACKING_URI"
         ) from err
+
+
+def _check_sqlite(path: str) -> None:
+    """Open the DB and take a write lock, failing at once (MLflow itself retries for ~100 s)."""
+    import sqlite3
+
+    if path in ("", ":memory:"):
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE pipeline_write_check (x INTEGER)")  # a real write, rolled back
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
+def _check_artifact_dir(location: str | None) -> None:
+    if not location or not location.startswith(("file:", "/")):
+        return  # remote artifact stores are checked by the server when the run logs
+    from urllib.parse import unquote, urlparse
+
+    path = Path(unquote(urlparse(location).path))
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-check-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def _get_or_create(uri: str, experiment: str, artifact_location: str | None) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if artifact_location and _is_local(uri):
+            location = Path(artifact_location).resolve().as_uri()
+        try:
+            return client.create_experiment(experiment, artifact_location=location)
+        except Exception:  # another process created it a moment ago
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {experiment!r} in {uri} is deleted; restore it or set "
+            "tracking.experiment to another name"
+        )
+    return exp.experiment_id
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:

@@ -8,6 +8,9 @@ more than one chunk of a large source in memory.
     src = build_source(cfg.source)
     for x, y in src.chunks():
         ...
+
+A source module may define ``count(cfg)``: its sample count from the config alone, so that split and
+batch sizes are validated before any data work (``declared_count``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ def build_source(cfg) -> Source:
     if cfg.name not in SOURCES:
         raise ValueError(f"Unknown source {cfg.name!r}; valid: {sorted(SOURCES)}")
     return importlib.import_module(SOURCES[cfg.name]).build(cfg)
+
+
+def declared_count(cfg) -> int | None:
+    """Number of samples the source will yield, if its module can tell from the config alone
+    (an optional module-level ``count(cfg)``); None when only reading the data can tell."""
+    if cfg.name not in SOURCES:
+        return None
+    count = getattr(importlib.import_module(SOURCES[cfg.name]), "count", None)
+    return None if count is None else int(count(cfg))
 
 
 def source_identity(cfg) -> dict | None:

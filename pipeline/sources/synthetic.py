@@ -41,6 +41,10 @@ class SyntheticSource:
             yield self.block(b)
 
 
+def count(cfg) -> int:
+    return int(cfg.num_samples)
+
+
 def build(cfg) -> SyntheticSource:
     return SyntheticSource(
         num_samples=cfg.num_samples,

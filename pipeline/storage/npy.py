@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.storage.per_sample import PerSampleDataset, PerSampleWriter
+from pipeline.storage.per_sample import PerSampleDataset, PerSampleWriter, check_samples
 
 
 class Writer(PerSampleWriter):
     ext = "npy"
 
-    def save(self, sample: np.ndarray, path) -> None:
-        np.save(path, sample, allow_pickle=False)
+    def save(self, sample: np.ndarray, fh) -> None:
+        np.save(fh, sample, allow_pickle=False)
 
 
 class Dataset(PerSampleDataset):
@@ -20,3 +20,8 @@ class Dataset(PerSampleDataset):
 
     def load(self, path) -> torch.Tensor:
         return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def check(root, spec, files) -> None:
+    """Export integrity hook (pipeline.integrity): one .npy file per sample."""
+    check_samples(root, spec, files, "npy")

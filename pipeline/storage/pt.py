@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.storage.per_sample import PerSampleDataset, PerSampleWriter
+from pipeline.storage.per_sample import PerSampleDataset, PerSampleWriter, check_samples
 
 
 class Writer(PerSampleWriter):
     ext = "pt"
 
-    def save(self, sample: np.ndarray, path) -> None:
-        torch.save(torch.from_numpy(sample), path)
+    def save(self, sample: np.ndarray, fh) -> None:
+        torch.save(torch.from_numpy(sample), fh)
 
 
 class Dataset(PerSampleDataset):
@@ -20,3 +20,8 @@ class Dataset(PerSampleDataset):
 
     def load(self, path) -> torch.Tensor:
         return torch.load(path, weights_only=True)
+
+
+def check(root, spec, files) -> None:
+    """Export integrity hook (pipeline.integrity): one .pt file per sample."""
+    check_samples(root, spec, files, "pt")

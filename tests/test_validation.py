@@ -1,0 +1,124 @@
+"""Every user-settable value is checked before data work; the message names key, value and what is valid."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, validate
+from tests.conftest import compose_cfg, run_cli
+
+# override(s), key named in the error, a fragment of "what is valid"
+BAD = [
+    (["loader.batch_size=0"], "loader.batch_size", "integer >= 1"),
+    (["loader.batch_size=-8"], "loader.batch_size", "integer >= 1"),
+    (["loader.num_workers=-1"], "loader.num_workers", "integer >= 0"),
+    (["loader.prefetch_factor=0"], "loader.prefetch_factor", "integer >= 1"),
+    (["loader.pin_memory=maybe"], "loader.pin_memory", "one of"),
+    (["loader.multiprocessing_context=thread"], "loader.multiprocessing_context", "one of"),
+    (["split.ratio=1.0"], "split.ratio", "strictly between 0 and 1"),
+    (["split.ratio=0"], "split.ratio", "strictly between 0 and 1"),
+    (["split.ratio=-0.2"], "split.ratio", "strictly between 0 and 1"),
+    # digits has 1797 samples: int(1797 * 0.0005) = 0 train samples
+    (["split.ratio=0.0005"], "split.ratio", "leaves train empty for the 1797 samples"),
+    (["source=synthetic", "source.num_samples=3", "split.ratio=0.3"], "split.ratio", "leaves train empty"),
+    # 1437 train samples with the default ratio 0.8
+    (["loader.batch_size=1500", "loader.drop_last=true"], "loader.batch_size", "<= the 1437 train samples"),
+    (["trainer.epochs=0"], "trainer.epochs", "integer >= 1"),
+    (["trainer.lr=0"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=-0.1"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=inf"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=nan"], "trainer.lr", "finite number > 0"),
+    (["trainer.weight_decay=-1"], "trainer.weight_decay", ">= 0"),
+    (["trainer.momentum=-0.5"], "trainer.momentum", ">= 0"),
+    (["trainer.optimizer=rmsprop"], "trainer.optimizer", "one of"),
+    (["trainer.device=tpu"], "trainer.device", "auto | cpu | cuda"),
+    (["source=synthetic", "source.shape=[0,5]"], "source.shape", "integers >= 1"),
+    (["source=synthetic", "source.shape=[]"], "source.shape", "non-empty list"),
+    (["source=synthetic", "source.num_samples=1"], "source.num_samples", "integer >= 2"),
+    (["source=synthetic", "source.num_classes=0"], "source.num_classes", "integer >= 1"),
+    (["source=synthetic", "source.block_size=0"], "source.block_size", "integer >= 1"),
+    (["source=synthetic", "source.dtype=complex64"], "source.dtype", "one of"),
+    (["source=synthetic", "source.noise=-1"], "source.noise", ">= 0"),
+    (["source=synthetic", "source.shape=[4]", "model=cnn"], "source.shape", "model=cnn needs images"),
+    (["source=lfw", "source.resize=0"], "source.resize", "(0, 1]"),
+    (["source=lfw", "source.min_faces_per_person=-1"], "source.min_faces_per_person", "integer >= 0"),
+    (["model.hidden=[]"], "model.hidden", "non-empty list"),
+    (["model.dropout=1.0"], "model.dropout", "[0, 1)"),
+    (["model=cnn", "model.channels=[16,0]"], "model.channels", "integers >= 1"),
+    (["tracking.uri=''"], "tracking.uri", "non-empty string"),
+    (["tracking.experiment=' '"], "tracking.experiment", "non-empty string"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,valid", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_value_names_key_value_and_what_is_valid(tmp_path, overrides, key, valid):
+    cfg = compose_cfg(tmp_path, overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    err = info.value
+    assert err.key == key
+    assert f"{key}=" in str(err) and valid in str(err)
+    print(f"{' '.join(overrides)} -> {err}")
+
+
+def test_defaults_and_reasonable_values_pass(tmp_path):
+    for overrides in (
+        [],
+        ["source=synthetic", "source.num_samples=10", "split.ratio=0.5", "loader.batch_size=5"],
+    ):
+        validate(compose_cfg(tmp_path, overrides))
+    validate(compose_cfg(tmp_path, ["loader.batch_size=1437", "loader.drop_last=true"]))
+
+
+def test_memory_budget_too_small_to_start(tmp_path):
+    # the budget key belongs to the memory feature's schema: add it to an untyped copy
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_cfg(tmp_path), resolve=True))
+    cfg.trainer.memory_budget_mb = 5
+    with pytest.raises(
+        ConfigError, match=r"trainer.memory_budget_mb=5 -- too small to start: .* already uses \d+ MB"
+    ):
+        validate(cfg)
+    cfg.trainer.memory_budget_mb = -1
+    with pytest.raises(ConfigError, match="trainer.memory_budget_mb=-1"):
+        validate(cfg)
+    cfg.trainer.memory_budget_mb = 1_000_000
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("loader.batch_size=abc", ["loader.batch_size", "abc", "Integer"]),
+        ("split.ratio=high", ["split.ratio", "high", "Float"]),
+        ("loader.drop_last=sometimes", ["loader.drop_last", "sometimes", "valid bool"]),
+        ("loader.bogus=1", ["loader.bogus", "Key 'bogus' not in 'LoaderConfig'"]),
+    ],
+)
+def test_wrong_type_or_unknown_key_fails_at_composition(tmp_path, override, fragments):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(tmp_path, [override])
+    text = f"{info.value} {info.value.__cause__}"
+    for fragment in fragments:
+        assert fragment in text, text
+    print(f"{override} -> {text}")
+
+
+def test_unknown_group_option_names_the_group_and_its_options(tmp_path):
+    with pytest.raises(MissingConfigException) as info:
+        compose_cfg(tmp_path, ["source=bogus"])
+    assert "source/bogus" in str(info.value) and "digits" in str(info.value)
+
+
+def test_cli_rejects_bad_value_before_any_data_or_tracking_work(tmp_path):
+    proc = run_cli(tmp_path, "split.ratio=0.0005", "trainer.epochs=1", timeout=120)
+    assert proc.returncode != 0
+    assert "split.ratio=0.0005 -- leaves train empty for the 1797 samples" in proc.stderr, proc.stderr[-2000:]
+    outputs = tmp_path / "outputs"
+    assert not (outputs / "data").exists() and not (outputs / "mlflow.db").exists()
+
+    proc = run_cli(tmp_path, "storage=bogus", timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'storage/bogus'" in proc.stderr and "Available options in 'storage'" in proc.stderr
+    print(proc.stderr.strip().splitlines()[:4])
