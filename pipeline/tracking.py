@@ -304,7 +304,9 @@ class SweepCallback(Callback):
         atexit.register(self._finish)  # a failing job skips on_multirun_end
         log.info("MLflow: sweep parent run %s in %s", self.parent_id, self.uri)
 
-    def _finish(self) -> None:
+    def _finish(self, aborted: bool = True) -> None:
+        """End the parent: FAILED when the sweep was aborted (a job raised, perhaps before its run
+        existed) or any child did not finish; FINISHED otherwise."""
         if self.parent_id is None:
             return
         if self.report:
@@ -314,7 +316,7 @@ class SweepCallback(Callback):
             [client.get_run(self.parent_id).info.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'",
         )
-        ok = children and all(r.info.status == "FINISHED" for r in children)
+        ok = not aborted and children and all(r.info.status == "FINISHED" for r in children)
         client.set_terminated(self.parent_id, status="FINISHED" if ok else "FAILED")
         os.environ.pop(PARENT_ENV, None)
         self.parent_id = None
@@ -333,5 +335,5 @@ class SweepCallback(Callback):
         print(f"\nSweep report ({len(report.rows)} runs, parent {self.parent_id}):\n{text}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._finish()
+        self._finish(aborted=False)
         atexit.unregister(self._finish)
