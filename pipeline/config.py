@@ -164,6 +164,10 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
     torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
+    checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
     memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
     memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
 
@@ -174,6 +178,7 @@ class TrackingConfig:
     experiment: str = "pipeline"
     artifact_location: Optional[str] = None  # used only when a local store creates the experiment
     run_name: Optional[str] = None
+    log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
 
 
 @dataclass
@@ -324,6 +329,14 @@ def validate(cfg: DictConfig) -> None:
     )
     objective = OmegaConf.select(cfg, "objective", default="val/accuracy")
     _check(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
+    _positive_int(cfg, "trainer.keep_checkpoints", 0)
+    resume = cfg.trainer.resume
+    _check(
+        resume is None or (isinstance(resume, str) and resume.strip() != ""),
+        "trainer.resume",
+        resume,
+        "null, an MLflow run id, a run directory or a checkpoint file",
+    )
     lr = cfg.trainer.lr
     _check(math.isfinite(lr) and lr > 0, "trainer.lr", lr, "must be a finite number > 0, e.g. 0.001")
     wd = cfg.trainer.weight_decay

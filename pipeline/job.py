@@ -10,22 +10,27 @@ records what they did.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from pipeline import plots, progress
+from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
+from pipeline.lineage import lineage_tags
 from pipeline.loading import build_loader, worker_failure
+from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
 from pipeline.memory_record import log_final, log_series
 from pipeline.models import build_model
 from pipeline.partition import partition, save_split
+from pipeline.resume import open_resume, snapshot
+from pipeline.seeding import seed_everything
 from pipeline.threads import apply_torch_threads
-from pipeline.tracking import TrackedRun, flatten, git_info, prepare_store, sweep_parent_run_id
-from pipeline.train import fit, resolve_device
+from pipeline.tracking import TrackedRun, flatten, prepare_store, sweep_parent_run_id
+from pipeline.train import build_optimizer, expected_samples, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +52,22 @@ def run(cfg: DictConfig) -> dict:
     progress.configure(cfg.get("progress", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     uri = cfg.tracking.uri
+    resume = open_resume(cfg)  # a bad trainer.resume fails before any work
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
     tags = {
         "pipeline.role": "job",
         "hydra.overrides": _hydra_overrides(),
-        **git_info(cfg.paths.root),
+        **lineage_tags(cfg),
     }
     with TrackedRun(uri, experiment_id, _run_name(cfg), sweep_parent_run_id(), tags) as tr:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
+        if resume is not None:
+            resume.link(tr)
         tr.log_params(flatten(cfg))
         tr.log_artifact(output_dir / ".hydra", "hydra")
         memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, memory)
+            return _stages(cfg, tr, output_dir, memory, resume)
         finally:
             log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
@@ -68,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
                 tr.log_artifact(logfile)
 
 
-def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler) -> dict:
+def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySampler, resume=None) -> dict:
     exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     tr.set_tags(
         {
@@ -101,8 +109,8 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
     device = resolve_device(cfg.trainer.device)
     tr.log_params({"torch.num_threads": apply_torch_threads(cfg.trainer.torch_threads)})
     memory.start(device)  # before the datasets are built: storage=ram loads its data there
-    torch.manual_seed(cfg.trainer.seed)
     seed = cfg.trainer.seed
+    seed_everything(seed, cfg.trainer.deterministic)
     train_loader = build_loader(
         exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=device
     )
@@ -111,7 +119,10 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
     )
     memory.sample()
     memory.check("after building the datasets")
-    model = build_model(cfg.model, exp.spec)
+    model = build_model(cfg.model, exp.spec).to(device)
+    optimizer = build_optimizer(model, cfg.trainer)
+    start = resume.restore(model, optimizer, train_loader, val_loader) if resume else 0
+    history = resume.history if resume else []
     log.info(
         "train: %d train / %d val samples, %s on %s",
         len(split.train),
@@ -119,21 +130,39 @@ def _stages(cfg: DictConfig, tr: TrackedRun, output_dir: Path, memory: MemorySam
         cfg.model.name,
         device,
     )
-    try:
-        final = fit(
-            model,
-            train_loader,
-            val_loader,
-            cfg.trainer,
-            device=device,
-            memory=memory,
-            on_epoch=lambda epoch, metrics: (tr.log_metrics(metrics, step=epoch), log_series(tr, memory)),
-        )
-    except RuntimeError as err:
-        clear = worker_failure(err)
-        if clear is None:
-            raise
-        raise clear from err
+    checkpoints = CheckpointDir(output_dir / DIRNAME, cfg.trainer.keep_checkpoints)
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        tr.log_metrics(metrics, step=epoch)
+        log_series(tr, memory)
+        history.append(metrics)
+        if cfg.trainer.checkpoint:
+            state = snapshot(cfg, tr.run_id, model, optimizer, train_loader, val_loader, history)
+            checkpoints.save(epoch + 1, state)
+
+    with checkpoints if cfg.trainer.checkpoint else nullcontext():
+        try:
+            final = fit(
+                model,
+                train_loader,
+                val_loader,
+                cfg.trainer,
+                device=device,
+                memory=memory,
+                on_epoch=on_epoch,
+                optimizer=optimizer,
+                start_epoch=start,
+            )
+        except RuntimeError as err:
+            clear = worker_failure(err)
+            if clear is None:
+                raise
+            raise clear from err
+    final["train/samples_seen"] += expected_samples(
+        len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
+    )
     tr.log_metrics({"train/samples_seen": final["train/samples_seen"]}, step=cfg.trainer.epochs - 1)
     plots.log_training_plots(tr, model, val_loader, device, exp.spec.class_names, output_dir / "plots")
+    if cfg.tracking.log_model:
+        log_final_model(tr, model, cfg.model, exp.spec)
     return final

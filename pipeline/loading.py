@@ -3,13 +3,14 @@
     from pipeline.loading import build_loader
     train_loader = build_loader(train_ds, cfg.loader, seed=cfg.trainer.seed, train=True, device=dev)
 
-Shuffling draws from a ``torch.Generator`` seeded from the trainer seed, and each worker seeds
-numpy and ``random`` from its torch seed, so a rerun sees the same order. ``prefetch_factor`` and
-``persistent_workers`` are passed only with workers (DataLoader rejects them otherwise);
-``pin_memory=auto`` pins only when training on CUDA; ``multiprocessing_context=auto`` forks where
-the platform can (launchers such as joblib change the default start method to one DataLoader
-workers cannot use). ``worker_failure(err)`` turns torch's "DataLoader worker ... killed" error
-into one that says what happened and what to do.
+Shuffling uses ``seeding.EpochShuffle``: epoch e's order is a function of (trainer seed, e) only,
+whatever ``num_workers``/``persistent_workers`` are. Worker seeds come from a ``torch.Generator``
+seeded from the trainer seed, and each worker seeds numpy and ``random`` from its torch seed.
+``prefetch_factor`` and ``persistent_workers`` are passed only with workers (DataLoader rejects
+them otherwise); ``pin_memory=auto`` pins only when training on CUDA; ``multiprocessing_context=auto``
+forks where the platform can (launchers such as joblib change the default start method to one
+DataLoader workers cannot use). ``worker_failure(err)`` turns torch's "DataLoader worker ...
+killed" error into one that says what happened and what to do.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import random
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from pipeline.seeding import EpochShuffle
 
 
 def seed_worker(worker_id: int) -> None:
@@ -46,7 +49,7 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device) 
     generator.manual_seed(int(seed) + (0 if train else 1))
     kwargs = dict(
         batch_size=cfg.batch_size,
-        shuffle=bool(cfg.shuffle) if train else False,
+        sampler=EpochShuffle(len(dataset), seed) if train and cfg.shuffle else None,
         drop_last=bool(cfg.drop_last) if train else False,
         num_workers=cfg.num_workers,
         pin_memory=_pin_memory(cfg.pin_memory, device),

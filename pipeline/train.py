@@ -3,6 +3,7 @@
     from pipeline.train import fit
     final = fit(model, train_loader, val_loader, cfg.trainer, device=device,
                 memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
+    fit(..., optimizer=optimizer, start_epoch=2)   # resume: epochs 2.. with a restored optimizer
 
 Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
 ``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
@@ -11,7 +12,7 @@ Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
 ``memory/epoch_peak_<figure>`` (``used_mb``, ``mapped_file_mb``, ``uss_workers_mb``, ...; the sampled
 series itself is ``memory/<figure>``). With a sampler, epoch starts are marked on its timeline and its
 budget is checked on every step. At the end the number of train samples seen is checked against
-len(train) x epochs.
+len(train) x the epochs run; ``train/samples_seen`` counts the epochs this call ran.
 """
 
 from __future__ import annotations
@@ -80,13 +81,15 @@ def fit(
     device: torch.device,
     memory=None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
 ) -> dict:
     model.to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
     samples_seen = 0
     metrics: dict = {}
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
         total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -151,12 +154,13 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    epochs = cfg.epochs - start_epoch
     expected = expected_samples(
-        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, cfg.epochs
+        len(train_loader.dataset), train_loader.batch_size, train_loader.drop_last, epochs
     )
     if samples_seen != expected:
         raise RuntimeError(
             f"saw {samples_seen} train samples, expected {expected} "
-            f"(len(train)={len(train_loader.dataset)} x {cfg.epochs} epochs)"
+            f"(len(train)={len(train_loader.dataset)} x {epochs} epochs)"
         )
     return {**metrics, "train/samples_seen": samples_seen}

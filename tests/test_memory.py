@@ -48,6 +48,7 @@ def test_sampler_series_peaks_and_epoch_marks():
         block = np.ones(100 * MB // 8)
         first = mem.take_epoch()
         del block
+        mem.take_epoch()  # the thread may have sampled the block between take_epoch() and del
         mem.mark_epoch(1)
         second = mem.take_epoch()
         rows = mem.drain()
