@@ -4,7 +4,8 @@
     pipeline source=synthetic storage=npy trainer.epochs=2
     pipeline -m loader.batch_size=32,64 loader.num_workers=0,2     # a sweep: 4 child runs
 
-Returns the final val accuracy (the objective for Hydra sweepers).
+Returns the final epoch's ``objective`` metric (default val/accuracy; conf/hparams_search/ presets set
+perf/train_samples_per_s) -- what Hydra sweepers such as optuna optimise.
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ def main(cfg: DictConfig) -> float:
     from pipeline.job import run
 
     signal.signal(signal.SIGTERM, _terminate)
-    return run(cfg)["val/accuracy"]
+    return float(run(cfg)[cfg.get("objective", "val/accuracy")])

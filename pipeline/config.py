@@ -177,6 +177,7 @@ class TrainerConfig:
     momentum: float = 0.9  # sgd only
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
+    torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
     checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
@@ -212,6 +213,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
     verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
     progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
 
@@ -277,6 +279,15 @@ SYNTHETIC_DTYPES = ("float16", "float32", "float64", "uint8")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MP_CONTEXTS = ("auto", "fork", "spawn", "forkserver")
 TRISTATE = ("auto", "true", "false")
+OBJECTIVES = (
+    "val/accuracy",
+    "val/loss",
+    "train/accuracy",
+    "train/loss",
+    "perf/train_samples_per_s",
+    "perf/epoch_seconds",
+    "perf/data_wait_fraction",
+)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -362,6 +373,15 @@ def validate(cfg: DictConfig) -> None:
     _check(ctx in MP_CONTEXTS, "loader.multiprocessing_context", ctx, f"one of {MP_CONTEXTS}")
 
     _positive_int(cfg, "trainer.epochs", 1)
+    threads = cfg.trainer.torch_threads
+    _check(
+        threads == "auto" or (_is_int(threads) and threads >= 1),
+        "trainer.torch_threads",
+        threads,
+        "auto or an integer >= 1",
+    )
+    objective = OmegaConf.select(cfg, "objective", default="val/accuracy")
+    _check(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
     _positive_int(cfg, "trainer.keep_checkpoints", 0)
     resume = cfg.trainer.resume
     _check(

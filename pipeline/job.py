@@ -10,7 +10,6 @@ records what they did.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from pipeline.models import build_model
 from pipeline.partition import partition, save_split
 from pipeline.resume import open_resume, snapshot
 from pipeline.seeding import seed_everything
-from pipeline.tracking import PARENT_ENV, TrackedRun, flatten, prepare_store
+from pipeline.threads import apply_torch_threads
+from pipeline.tracking import TrackedRun, flatten, prepare_store, sweep_parent_run_id
 from pipeline.train import build_optimizer, expected_samples, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device, resume) -> dic
         "hydra.overrides": _hydra_overrides(),
         **lineage_tags(cfg),
     }
-    with TrackedRun(uri, experiment_id, _run_name(cfg), os.environ.get(PARENT_ENV), tags) as tr:
+    with TrackedRun(uri, experiment_id, _run_name(cfg), sweep_parent_run_id(), tags) as tr:
         log.info("MLflow: run %s in %s", tr.run_id, uri)
         if resume is not None:
             resume.link(tr)
@@ -125,6 +125,7 @@ def _stages(
             f"with drop_last=true it must be <= the {len(split.train)} train samples",
         )
 
+    tr.log_params({"torch.num_threads": apply_torch_threads(cfg.trainer.torch_threads)})
     memory.start(device)  # before the datasets are built: storage=ram loads its data there
     seed = cfg.trainer.seed
     seed_everything(seed, cfg.trainer.deterministic)
