@@ -20,7 +20,7 @@ from pipeline.checkpoint import DIRNAME, CheckpointDir
 from pipeline.config import ConfigError, validate
 from pipeline.export import MANIFEST, export
 from pipeline.lineage import lineage_tags
-from pipeline.loading import build_loader, worker_failure
+from pipeline.loading import build_loader, worker_deaths_explained
 from pipeline.logged_model import log_final_model
 from pipeline.memory import MemorySampler
 from pipeline.memory_record import log_final, log_series
@@ -65,7 +65,8 @@ def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device, resume) -> dic
         with distributed.NoRun() as tr:
             memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
             try:
-                return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, resume, device)
+                with worker_deaths_explained():
+                    return _stages(cfg, tr, distributed.rank_dir(output_dir), memory, resume, device)
             finally:
                 memory.stop()
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
@@ -82,7 +83,8 @@ def _tracked(cfg: DictConfig, output_dir: Path, uri: str, device, resume) -> dic
         tr.log_artifact(output_dir / ".hydra", "hydra")
         memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         try:
-            return _stages(cfg, tr, output_dir, memory, resume, device)
+            with worker_deaths_explained():
+                return _stages(cfg, tr, output_dir, memory, resume, device)
         finally:
             log_final(tr, memory.stop(), output_dir, cfg.trainer.epochs - 1, cfg.trainer.memory_budget_mb)
             for handler in logging.getLogger().handlers:  # the job's log file complete before upload
@@ -159,23 +161,17 @@ def _stages(
             checkpoints.save(epoch + 1, state)
 
     with checkpoints if cfg.trainer.checkpoint else nullcontext():
-        try:
-            final = fit(
-                model,
-                train_loader,
-                val_loader,
-                cfg.trainer,
-                device=device,
-                memory=memory,
-                on_epoch=on_epoch,
-                optimizer=optimizer,
-                start_epoch=start,
-            )
-        except RuntimeError as err:
-            clear = worker_failure(err)
-            if clear is None:
-                raise
-            raise clear from err
+        final = fit(
+            model,
+            train_loader,
+            val_loader,
+            cfg.trainer,
+            device=device,
+            memory=memory,
+            on_epoch=on_epoch,
+            optimizer=optimizer,
+            start_epoch=start,
+        )
     final["train/samples_seen"] += expected_samples(
         len(split.train), cfg.loader.batch_size, cfg.loader.drop_last, start
     )

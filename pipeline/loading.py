@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import traceback
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -136,3 +138,19 @@ def worker_failure(err: BaseException) -> WorkerDied | None:
         "train on an incomplete epoch. A worker killed by signal 9 (Killed) is usually the kernel's OOM "
         "killer (see `dmesg`): lower loader.num_workers, loader.batch_size or loader.prefetch_factor"
     )
+
+
+@contextmanager
+def worker_deaths_explained():
+    """Inside: torch's RuntimeError for a dead worker -- raised wherever the main thread is when the
+    SIGCHLD arrives, training, validating or plotting -- becomes a WorkerDied that says what to do."""
+    try:
+        yield
+    except RuntimeError as err:
+        clear = worker_failure(err)
+        if clear is None:
+            raise
+        # drop the frames' references to the dead loader's iterator so it shuts down now: while it
+        # lives, every further SIGCHLD raises torch's error again, e.g. in the clean-up that follows
+        traceback.clear_frames(err.__traceback__)
+        raise clear from err
