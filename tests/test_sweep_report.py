@@ -141,8 +141,10 @@ def test_hparams_search_preset_composes(tmp_path):
         "loader.batch_size",
         "loader.num_workers",
         "loader.prefetch_factor",
+        "loader.thread_prefetch",
         "storage",
     }
+    assert "memmap" in cfg.hydra.sweeper.params.storage and "shards" in cfg.hydra.sweeper.params.storage
     validate(cfg)
 
 
