@@ -34,17 +34,16 @@ def compose_cfg(root: Path, overrides: list[str] = ()):
         )
 
 
+def run_command(root: Path, argv: list[str], timeout: float = 300, env: dict | None = None):
+    """Run ``argv`` for real, in a subprocess in ``root``, with this checkout importable and outputs under
+    ``root``."""
+    full_env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(argv, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli(root: Path, *args: str, timeout: float = 300, env: dict | None = None):
     """Run ``python -m pipeline`` for real, in a subprocess, with outputs under ``root``."""
-    full_env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=root,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_command(root, [sys.executable, "-m", "pipeline", *args], timeout, env)
 
 
 def sqlite_uri(root: Path) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.bench import storage_config, validate_bench
 from pipeline.config import ConfigError
-from tests.conftest import CONF_DIR, REPO, compose_cfg, sqlite_uri
+from tests.conftest import CONF_DIR, compose_cfg, run_command, sqlite_uri
 
 TINY = [
     "source.num_samples=300",
@@ -26,15 +24,7 @@ TINY = [
 
 
 def run_bench(root, *args):
-    env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_command(root, [sys.executable, "-m", "pipeline.bench", *args])
 
 
 def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from pipeline.config import LoaderConfig
 from pipeline.loading import build_loader
 from pipeline.seeding import EpochShuffle, capture_rng, restore_rng, set_epoch
 from tests.run_helpers import client, histories, run_job
@@ -26,17 +27,7 @@ class Ids(Dataset):
 
 
 def _loader_cfg(**kw):
-    base = dict(
-        batch_size=8,
-        shuffle=True,
-        num_workers=0,
-        pin_memory="false",
-        prefetch_factor=2,
-        persistent_workers=False,
-        drop_last=False,
-        multiprocessing_context="auto",
-    )
-    return OmegaConf.create({**base, **kw})
+    return OmegaConf.structured(LoaderConfig(**{"batch_size": 8, "pin_memory": "false", **kw}))
 
 
 def _orders(loader, epochs: int) -> list[list[int]]:

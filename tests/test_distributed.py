@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, sqlite_uri
+from tests.conftest import run_command, sqlite_uri
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -19,15 +18,7 @@ pytestmark = pytest.mark.slow  # ~25 s: two processes each import torch + mlflow
 
 
 def _torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "pipeline", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_command(root, [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "pipeline", *args])
 
 
 def test_two_ranks_train_one_run_with_global_counts_and_equal_parameters(tmp_path):

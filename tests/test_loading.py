@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.config import LoaderConfig
 from pipeline.export import export
 from pipeline.loading import build_loader
 
@@ -23,17 +24,7 @@ SYN = dict(
 
 
 def _loader_cfg(**kw):
-    base = dict(
-        batch_size=16,
-        shuffle=True,
-        num_workers=0,
-        pin_memory="auto",
-        prefetch_factor=2,
-        persistent_workers=False,
-        drop_last=False,
-        multiprocessing_context="auto",
-    )
-    return OmegaConf.create({**base, **kw})
+    return OmegaConf.structured(LoaderConfig(**{"batch_size": 16, "pin_memory": "auto", **kw}))
 
 
 @pytest.fixture
