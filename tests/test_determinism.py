@@ -16,6 +16,8 @@ from tests.run_helpers import client, histories, run_job
 
 
 class Ids(Dataset):
+    """Item i is (tensor(i), 0): the loader's order, readable from the batches."""
+
     def __init__(self, n: int) -> None:
         self.n = n
 

@@ -14,6 +14,7 @@ from pipeline.loading import build_loader
 from pipeline.partition import partition
 from pipeline.sources import SampleSpec
 from pipeline.storage import get_format
+from tests.test_determinism import Ids
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -99,17 +100,6 @@ def test_storage_round_trip_any_shape_and_dtype(data, fmt):
             assert back.tobytes() == x[sid].tobytes()  # bit-exact (NaN payloads and -0.0 included)
 
 
-class Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return torch.tensor(i), 0
-
-
 @FAST
 @given(
     n=st.integers(1, 200),
@@ -129,7 +119,7 @@ def test_sampler_visits_each_index_once_per_epoch(n, batch_size, shuffle, drop_l
         persistent_workers=False,
         multiprocessing_context="auto",
     )
-    loader = build_loader(Indices(n), cfg, seed=seed, train=True, device=torch.device("cpu"))
+    loader = build_loader(Ids(n), cfg, seed=seed, train=True, device=torch.device("cpu"))
     expected = (n // batch_size) * batch_size if drop_last else n
     for _epoch in range(2):
         seen = torch.cat([x for x, _ in loader]).tolist() if len(loader) else []
