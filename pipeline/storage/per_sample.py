@@ -82,6 +82,8 @@ class PerSampleDataset(torch.utils.data.Dataset):
         self.root, self.spec = Path(root), spec
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
+        # what every sample must decode to, worked out once rather than per item
+        self.want = (tuple(spec.shape), torch.from_numpy(np.empty(0, dtype=spec.dtype)).dtype)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,7 +98,7 @@ class PerSampleDataset(torch.utils.data.Dataset):
             x = self.load(path)
         except Exception as err:  # truncated, corrupted, a pickle refused, missing, ...
             raise sample_error(sid, path, err, self.root) from err
-        if tuple(x.shape) != tuple(self.spec.shape) or str(x.dtype).removeprefix("torch.") != self.spec.dtype:
+        if (tuple(x.shape), x.dtype) != self.want:
             got = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
             raise sample_error(
                 sid, path, f"holds {got}, manifest says {self.spec.shape} {self.spec.dtype}", self.root
