@@ -128,13 +128,28 @@ class WorkerDied(RuntimeError):
     """A DataLoader worker process died mid-epoch (killed, or out of memory): the run stops."""
 
 
+def _worker_error_in_chain(err: BaseException) -> RuntimeError | None:
+    """torch's dead-worker RuntimeError, found in ``err`` or in what it wraps: the SIGCHLD may land
+    inside a library (MLflow, SQLAlchemy) that re-raises it as its own exception type."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RuntimeError) and "DataLoader worker" in str(cur):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def worker_failure(err: BaseException) -> WorkerDied | None:
     """A clear error for a dead DataLoader worker, or None when ``err`` is something else."""
-    text = str(err)
-    if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
+    if isinstance(err, WorkerDied):
+        return err
+    found = _worker_error_in_chain(err)
+    if found is None:
         return None
     return WorkerDied(
-        f"{text.strip()} -- a DataLoader worker process died mid-epoch, so the run stopped rather than "
+        f"{str(found).strip()} -- a DataLoader worker process died mid-epoch, so the run stopped rather than "
         "train on an incomplete epoch. A worker killed by signal 9 (Killed) is usually the kernel's OOM "
         "killer (see `dmesg`): lower loader.num_workers, loader.batch_size or loader.prefetch_factor"
     )
@@ -143,10 +158,13 @@ def worker_failure(err: BaseException) -> WorkerDied | None:
 @contextmanager
 def worker_deaths_explained():
     """Inside: torch's RuntimeError for a dead worker -- raised wherever the main thread is when the
-    SIGCHLD arrives, training, validating or plotting -- becomes a WorkerDied that says what to do."""
+    SIGCHLD arrives, training, validating, plotting or logging (where MLflow may wrap it in its own
+    exception) -- becomes a WorkerDied that says what to do."""
     try:
         yield
-    except RuntimeError as err:
+    except WorkerDied:
+        raise
+    except Exception as err:
         clear = worker_failure(err)
         if clear is None:
             raise

@@ -276,6 +276,25 @@ def test_dataloader_worker_killed_mid_epoch_fails_the_run(tmp_path):
     print(_assert_failed_run(tmp_path, killed[0]))
 
 
+def test_worker_death_wrapped_by_a_library_is_still_explained():
+    """The SIGCHLD can land inside MLflow's SQLAlchemy session, which re-raises torch's error as an
+    MlflowException (seen in CI): the run must still fail with WorkerDied naming the worker."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.loading import WorkerDied, worker_deaths_explained
+
+    with pytest.raises(WorkerDied, match=r"worker \(pid 4242\) is killed by signal: Killed.*OOM") as info:
+        with worker_deaths_explained():
+            try:
+                raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+            except RuntimeError as err:
+                raise MlflowException(message=err) from err
+    assert isinstance(info.value.__cause__, MlflowException)
+    with pytest.raises(MlflowException, match="unrelated"):  # anything else passes through unchanged
+        with worker_deaths_explained():
+            raise MlflowException("unrelated")
+
+
 @pytest.mark.slow
 def test_dataloader_worker_killed_mid_epoch_fails_the_cli_run(tmp_path):
     env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
