@@ -69,7 +69,8 @@ class LFWConfig(SourceConfig):
     color: bool = False
     funneled: bool = True
     download_if_missing: bool = True
-    download_timeout_s: float = 20.0
+    download_timeout_s: float = 20.0  # per network attempt
+    download_retries: int = 3  # further attempts after a failed download (1 s apart)
 
 
 @dataclass
@@ -332,6 +333,7 @@ def validate(cfg: DictConfig) -> None:
         _check(0 < src.resize <= 1.0, "source.resize", src.resize, "must be in (0, 1]")
         _positive_int(cfg, "source.min_faces_per_person", 0)
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
+        _positive_int(cfg, "source.download_retries", 0)
 
     if sto.name == "shards":
         _check(

@@ -89,6 +89,7 @@ LFW = dict(
     funneled=True,
     download_if_missing=False,
     download_timeout_s=5.0,
+    download_retries=1,  # offline: at most 2 attempts of 5 s
 )
 
 

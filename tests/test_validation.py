@@ -44,6 +44,8 @@ BAD = [
     (["source=synthetic", "source.shape=[4]", "model=cnn"], "source.shape", "model=cnn needs images"),
     (["source=lfw", "source.resize=0"], "source.resize", "(0, 1]"),
     (["source=lfw", "source.min_faces_per_person=-1"], "source.min_faces_per_person", "integer >= 0"),
+    (["source=lfw", "source.download_timeout_s=0"], "source.download_timeout_s", "> 0"),
+    (["source=lfw", "source.download_retries=-1"], "source.download_retries", "integer >= 0"),
     (["model.hidden=[]"], "model.hidden", "non-empty list"),
     (["model.dropout=1.0"], "model.dropout", "[0, 1)"),
     (["model=cnn", "model.channels=[16,0]"], "model.channels", "integers >= 1"),

@@ -44,6 +44,7 @@ def fetch(cfg):
             min_faces_per_person=cfg.min_faces_per_person,
             color=cfg.color,
             download_if_missing=cfg.download_if_missing,
+            n_retries=cfg.download_retries,
         )
     except OSError as err:  # URLError, socket timeouts and "file is missing" are all OSErrors
         why = "could not be downloaded" if cfg.download_if_missing else "is not there"
