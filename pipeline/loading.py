@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import signal
+import threading
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -124,6 +127,9 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
     return loader
 
 
+IPC_GRACE_S = 2.0  # how long a reset batch connection waits for torch to see the worker dead
+
+
 class WorkerDied(RuntimeError):
     """A DataLoader worker process died mid-epoch (killed, or out of memory): the run stops."""
 
@@ -141,11 +147,38 @@ def _worker_error_in_chain(err: BaseException) -> RuntimeError | None:
     return None
 
 
+def _torch_reports_dead_worker(wait_s: float) -> RuntimeError | None:
+    """torch's own check of the workers of every live DataLoader iterator (waitid without reaping),
+    repeated for up to ``wait_s``: a worker's sockets close a moment before it shows as dead."""
+    from torch.utils.data._utils import signal_handling
+
+    check = getattr(signal_handling, "_error_if_any_worker_fails", None)
+    if check is None:  # not offered on this platform or version
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            check()
+        except RuntimeError as err:
+            return err
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
 def worker_failure(err: BaseException) -> WorkerDied | None:
-    """A clear error for a dead DataLoader worker, or None when ``err`` is something else."""
+    """A clear error for a dead DataLoader worker, or None when ``err`` is something else.
+
+    Worker death shows up in three ways: torch's RuntimeError from its SIGCHLD handler (raised
+    wherever the main thread is), that error wrapped by a library it interrupted (MLflow re-raises it
+    as an MlflowException), or a broken pipe/reset connection while a batch was in transit -- for
+    which torch itself is asked whether one of its workers died."""
     if isinstance(err, WorkerDied):
         return err
     found = _worker_error_in_chain(err)
+    if found is None:
+        in_transit = isinstance(err, (OSError, EOFError))  # e.g. ConnectionResetError mid-batch
+        found = _torch_reports_dead_worker(IPC_GRACE_S if in_transit else 0.0)
     if found is None:
         return None
     return WorkerDied(
@@ -157,18 +190,38 @@ def worker_failure(err: BaseException) -> WorkerDied | None:
 
 @contextmanager
 def worker_deaths_explained():
-    """Inside: torch's RuntimeError for a dead worker -- raised wherever the main thread is when the
-    SIGCHLD arrives, training, validating, plotting or logging (where MLflow may wrap it in its own
-    exception) -- becomes a WorkerDied that says what to do."""
+    """Inside: a dead DataLoader worker -- however it surfaces, see ``worker_failure`` -- becomes a
+    WorkerDied that names the worker and says what to do; anything else passes through unchanged."""
     try:
         yield
     except WorkerDied:
         raise
     except Exception as err:
-        clear = worker_failure(err)
-        if clear is None:
-            raise
-        # drop the frames' references to the dead loader's iterator so it shuts down now: while it
-        # lives, every further SIGCHLD raises torch's error again, e.g. in the clean-up that follows
-        traceback.clear_frames(err.__traceback__)
+        with _torch_sigchld_handler_paused():  # its error must not cut into the explaining below
+            try:
+                clear = worker_failure(err)
+            except RuntimeError as late:  # raised just before the pause took effect
+                clear = worker_failure(late)
+                if clear is None:
+                    raise
+            if clear is None:
+                raise
+            # drop the frames' references to the dead loader's iterator so it shuts down now (its
+            # workers leave torch's watch list first): while it lives, a SIGCHLD raises its error again
+            traceback.clear_frames(err.__traceback__)
         raise clear from err
+
+
+@contextmanager
+def _torch_sigchld_handler_paused():
+    """SIGCHLD's handler set to the default (not SIG_IGN, which would reap the workers) while inside,
+    so torch's handler -- which raises in the main thread wherever it is -- cannot run there, not even
+    for a signal already pending. Only the main thread may change handlers; elsewhere it does nothing."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)

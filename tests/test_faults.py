@@ -295,6 +295,37 @@ def test_worker_death_wrapped_by_a_library_is_still_explained():
             raise MlflowException("unrelated")
 
 
+def test_worker_killed_while_a_batch_is_in_transit_is_explained():
+    """A worker killed while it hands a batch over surfaces first as a reset connection (seen in CI),
+    with torch's SIGCHLD error arriving later or never: torch is asked which worker died."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.loading import WorkerDied, worker_deaths_explained
+
+    loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1)
+    batches = iter(loader)  # installs torch's SIGCHLD handler
+    next(batches)
+    worker = psutil.Process(batches._workers[0].pid)
+    torchs_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the SIGCHLD never lands here
+    try:
+        worker.kill()
+        deadline = time.monotonic() + 30
+        while worker.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(WorkerDied, match=rf"pid {worker.pid}\) is killed by signal: Killed") as info:
+            with worker_deaths_explained():
+                raise ConnectionResetError(104, "Connection reset by peer")
+        assert isinstance(info.value.__cause__, ConnectionResetError)
+    finally:
+        signal.signal(signal.SIGCHLD, torchs_handler)
+        del batches  # shuts the loader down: its workers leave torch's watch list
+    with pytest.raises(ConnectionResetError):  # no dead worker: the error passes through as it was
+        with worker_deaths_explained():
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+
 @pytest.mark.slow
 def test_dataloader_worker_killed_mid_epoch_fails_the_cli_run(tmp_path):
     env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
