@@ -22,6 +22,7 @@ drop_last whichever way the batches are made.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import random
 import signal
@@ -209,6 +210,7 @@ def worker_deaths_explained():
             # drop the frames' references to the dead loader's iterator so it shuts down now (its
             # workers leave torch's watch list first): while it lives, a SIGCHLD raises its error again
             traceback.clear_frames(err.__traceback__)
+            gc.collect()  # and the job's other loaders, if held in reference cycles: their workers too
         raise clear from err
 
 

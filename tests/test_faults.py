@@ -207,15 +207,6 @@ def test_export_failure_marks_the_mlflow_run_failed(tmp_path, small_fs):
 # ----------------------------------------------------------------------------------------------
 
 
-def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    """Forked DataLoader workers: children running the same command line as the job."""
-    try:
-        parent = psutil.Process(proc.pid)
-        return [c for c in parent.children() if c.cmdline() == parent.cmdline()]
-    except psutil.Error:
-        return []
-
-
 WORKER_ARGS = [
     "source=synthetic",
     "source.num_samples=1000",
@@ -229,22 +220,32 @@ WORKER_ARGS = [
 
 
 def _kill_a_worker_when_training(parent_pid: int, killed: list, timeout: float = 240) -> None:
+    """SIGKILL one DataLoader worker of ``parent_pid``'s job once it has run for a moment. A worker is a
+    forked child, started after this call, still running the parent's command line: a subprocess (``git``
+    for the lineage) shows that command line too between its fork and exec, so it is checked again
+    right before the kill."""
     deadline = time.monotonic() + timeout
     parent = psutil.Process(parent_pid)
+    earlier = set(parent.children())  # e.g. workers of an earlier in-process job not yet collected
     while time.monotonic() < deadline:
-        try:
-            workers = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
-        except psutil.Error:
-            workers = []
-        if workers:
+        for child in set(_forked_children(parent)) - earlier:
             time.sleep(0.5)  # let it get into the epoch
+            if child not in _forked_children(parent):  # exited or exec'd meanwhile: look again
+                break
             try:
-                os.kill(workers[0].pid, signal.SIGKILL)
-            except ProcessLookupError:  # it exited meanwhile: try the next one
-                continue
-            killed.append(workers[0].pid)
+                child.kill()  # psutil checks the pid still names the same process
+            except psutil.NoSuchProcess:
+                break
+            killed.append(child.pid)
             return
         time.sleep(0.1)
+
+
+def _forked_children(parent: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+    except psutil.Error:  # one exited or is a zombie meanwhile
+        return []
 
 
 def _assert_failed_run(root: Path, victim: int) -> str:
