@@ -9,8 +9,9 @@ seeded from the trainer seed, and each worker seeds numpy and ``random`` from it
 ``prefetch_factor`` and ``persistent_workers`` are passed only with workers (DataLoader rejects
 them otherwise); ``pin_memory=auto`` pins only when training on CUDA; ``multiprocessing_context=auto``
 forks where the platform can (launchers such as joblib change the default start method to one
-DataLoader workers cannot use). ``worker_failure(err)`` turns torch's "DataLoader worker ...
-killed" error into one that says what happened and what to do.
+DataLoader workers cannot use). Inside ``worker_deaths_explained()`` a worker that dies (killed, out of
+memory) ends the run with a ``WorkerDied`` that names it and says what to do, raised by the loader
+rather than by torch's SIGCHLD handler at whatever line the main thread happens to be on.
 
 A storage format's Dataset may offer two optional hooks, used when present: ``batch_sampler(
 batch_size, shuffle, drop_last, seed)`` returning a batch sampler (e.g. the shards block
@@ -29,6 +30,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -68,6 +70,9 @@ def batching(loader) -> tuple[int, bool]:
     return sampler.batch_size, bool(sampler.drop_last)
 
 
+IPC_GRACE_S = 5.0  # how long a broken batch transfer waits for its worker to show as dead
+
+
 class BatchedLoader(DataLoader):
     """A DataLoader that, without workers, fetches each batch of a map-style dataset with a plain loop.
 
@@ -84,6 +89,12 @@ class BatchedLoader(DataLoader):
             return super().__iter__()
         return self._direct()
 
+    def _get_iterator(self):
+        batches = super()._get_iterator()
+        if self.num_workers > 0:
+            _name_dead_worker_on_broken_transfer(batches)
+        return batches
+
     def _direct(self):
         batches = iter(self.batch_sampler)
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # as the stock iterator
@@ -93,6 +104,43 @@ class BatchedLoader(DataLoader):
             data = getitems(indices) if getitems else [dataset[i] for i in indices]
             batch = collate(data)
             yield pin_memory(batch) if pin else batch
+
+
+def _name_dead_worker_on_broken_transfer(batches) -> None:
+    """A worker killed while the main process picks up its batch breaks the transfer (a reset
+    connection, EOF) a moment before it shows as dead, so torch's own check finds every worker alive
+    and re-raises the bare OSError. Here the workers get a grace period to show which one died."""
+    fetch = getattr(batches, "_try_get_data", None)
+    workers = getattr(batches, "_workers", None)
+    if fetch is None or workers is None:  # another torch: its own checks only
+        return
+
+    def try_get_data(*args, **kwargs):
+        try:
+            return fetch(*args, **kwargs)
+        except (OSError, EOFError) as err:
+            dead = _first_to_die(workers, IPC_GRACE_S)
+            if dead is None:
+                raise
+            code = dead.exitcode
+            if code < 0:
+                how = f"is killed by signal: {signal.strsignal(-code) or -code}."
+            else:
+                how = f"exited with code {code}."
+            raise RuntimeError(f"DataLoader worker (pid {dead.pid}) {how}") from err
+
+    batches._try_get_data = try_get_data
+
+
+def _first_to_die(workers, wait_s: float):
+    deadline = time.monotonic() + wait_s
+    while True:
+        for w in workers:
+            if not w.is_alive():  # reaps it and records its exit code
+                return w
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
@@ -126,9 +174,6 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
     if getattr(cfg, "thread_prefetch", 0) > 0:  # hand-made loader configs may lack it
         return ThreadPrefetcher(loader, cfg.thread_prefetch)
     return loader
-
-
-IPC_GRACE_S = 2.0  # how long a reset batch connection waits for torch to see the worker dead
 
 
 class WorkerDied(RuntimeError):
@@ -167,16 +212,16 @@ def _torch_reports_dead_worker(wait_s: float) -> RuntimeError | None:
         time.sleep(0.05)
 
 
-def worker_failure(err: BaseException) -> WorkerDied | None:
+def worker_failure(err: BaseException, recorded: Sequence[RuntimeError] = ()) -> WorkerDied | None:
     """A clear error for a dead DataLoader worker, or None when ``err`` is something else.
 
-    Worker death shows up in three ways: torch's RuntimeError from its SIGCHLD handler (raised
-    wherever the main thread is), that error wrapped by a library it interrupted (MLflow re-raises it
-    as an MlflowException), or a broken pipe/reset connection while a batch was in transit -- for
-    which torch itself is asked whether one of its workers died."""
+    Worker death shows up as: a death torch's SIGCHLD handler found (``recorded`` by
+    ``worker_deaths_explained``); torch's "exited unexpectedly" from a loader that waited for the dead
+    worker's batch; torch's error wrapped by a library it interrupted; or a reset connection while a
+    batch was in transit -- for which torch itself is asked whether one of its workers died."""
     if isinstance(err, WorkerDied):
         return err
-    found = _worker_error_in_chain(err)
+    found = recorded[0] if recorded else _worker_error_in_chain(err)
     if found is None:
         in_transit = isinstance(err, (OSError, EOFError))  # e.g. ConnectionResetError mid-batch
         found = _torch_reports_dead_worker(IPC_GRACE_S if in_transit else 0.0)
@@ -192,38 +237,50 @@ def worker_failure(err: BaseException) -> WorkerDied | None:
 @contextmanager
 def worker_deaths_explained():
     """Inside: a dead DataLoader worker -- however it surfaces, see ``worker_failure`` -- becomes a
-    WorkerDied that names the worker and says what to do; anything else passes through unchanged."""
+    WorkerDied that names the worker and says what to do; anything else passes through unchanged.
+
+    torch's SIGCHLD handler raises its error in the main thread wherever it is -- inside MLflow's
+    database session, a logging handler (which swallows it), a checkpoint write, or this very
+    clean-up. Inside, it runs quietly instead: a death it finds is recorded, and the loader itself
+    raises when it waits for the dead worker's batch (torch checks its workers every 5 s)."""
+    deaths: list[RuntimeError] = []
+    restore = _record_torch_sigchld_errors(deaths)
     try:
         yield
     except WorkerDied:
         raise
     except Exception as err:
-        with _torch_sigchld_handler_paused():  # its error must not cut into the explaining below
-            try:
-                clear = worker_failure(err)
-            except RuntimeError as late:  # raised just before the pause took effect
-                clear = worker_failure(late)
-                if clear is None:
-                    raise
-            if clear is None:
-                raise
-            # drop the frames' references to the dead loader's iterator so it shuts down now (its
-            # workers leave torch's watch list first): while it lives, a SIGCHLD raises its error again
-            traceback.clear_frames(err.__traceback__)
-            gc.collect()  # and the job's other loaders, if held in reference cycles: their workers too
+        clear = worker_failure(err, deaths)
+        if clear is None:
+            raise
+        # drop the frames' references to the dead loader's iterator so it shuts down now (its
+        # workers leave torch's watch list first), and the job's other loaders with their workers
+        traceback.clear_frames(err.__traceback__)
+        gc.collect()
         raise clear from err
-
-
-@contextmanager
-def _torch_sigchld_handler_paused():
-    """SIGCHLD's handler set to the default (not SIG_IGN, which would reap the workers) while inside,
-    so torch's handler -- which raises in the main thread wherever it is -- cannot run there, not even
-    for a signal already pending. Only the main thread may change handlers; elsewhere it does nothing."""
-    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        yield
     finally:
-        signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+        restore()
+
+
+def _record_torch_sigchld_errors(deaths: list) -> Callable[[], None]:
+    """Wrap torch's SIGCHLD handler (installed now if it was not yet) so that its dead-worker error is
+    appended to ``deaths`` instead of raised; returns the function that puts it back. Only the main
+    thread may change handlers, and torch installs its handler only there: elsewhere nothing changes."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    from torch.utils.data._utils import signal_handling
+
+    install = getattr(signal_handling, "_set_SIGCHLD_handler", None)
+    if install is not None:
+        install()  # torch's, once per process: loaders created later find it set and keep ours
+    inner = signal.getsignal(signal.SIGCHLD)
+
+    def record(signum, frame) -> None:
+        try:
+            if callable(inner):
+                inner(signum, frame)
+        except RuntimeError as err:
+            deaths.append(err)
+
+    signal.signal(signal.SIGCHLD, record)
+    return lambda: signal.signal(signal.SIGCHLD, inner if inner is not None else signal.SIG_DFL)

@@ -296,6 +296,33 @@ def test_worker_death_wrapped_by_a_library_is_still_explained():
             raise MlflowException("unrelated")
 
 
+def test_worker_death_is_raised_by_the_loader_not_wherever_the_signal_lands():
+    """Inside worker_deaths_explained torch's SIGCHLD handler does not raise at a random spot (in CI it
+    hit MLflow's database session); the loader raises when it waits for the dead worker's batch."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.loading import WorkerDied, worker_deaths_explained
+
+    reached_the_loader = False
+    with pytest.raises(WorkerDied, match=r"is killed by signal: Killed.*lower loader.num_workers") as info:
+        with worker_deaths_explained():
+            batches = iter(DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1))
+            next(batches)
+            worker = psutil.Process(batches._workers[0].pid)
+            worker.kill()
+            deadline = time.monotonic() + 30
+            while worker.status() != psutil.STATUS_ZOMBIE:  # dead, and its SIGCHLD delivered
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.3)  # plain Python code here: torch's own handler would raise in it
+            reached_the_loader = True
+            for _ in batches:
+                pass
+    assert reached_the_loader and f"pid {worker.pid})" in str(info.value)
+    assert "exited unexpectedly" in str(info.value.__cause__)  # what the loader itself raised
+
+
 def test_worker_killed_while_a_batch_is_in_transit_is_explained():
     """A worker killed while it hands a batch over surfaces first as a reset connection (seen in CI),
     with torch's SIGCHLD error arriving later or never: torch is asked which worker died."""
