@@ -135,11 +135,9 @@ def _name_dead_worker_on_broken_transfer(batches) -> None:
 def _first_to_die(workers, wait_s: float):
     deadline = time.monotonic() + wait_s
     while True:
-        for w in workers:
-            if not w.is_alive():  # reaps it and records its exit code
-                return w
-        if time.monotonic() >= deadline:
-            return None
+        dead = [w for w in workers if not w.is_alive()]  # is_alive reaps it and records its exit code
+        if dead or time.monotonic() >= deadline:
+            return dead[0] if dead else None
         time.sleep(0.05)
 
 
@@ -193,38 +191,16 @@ def _worker_error_in_chain(err: BaseException) -> RuntimeError | None:
     return None
 
 
-def _torch_reports_dead_worker(wait_s: float) -> RuntimeError | None:
-    """torch's own check of the workers of every live DataLoader iterator (waitid without reaping),
-    repeated for up to ``wait_s``: a worker's sockets close a moment before it shows as dead."""
-    from torch.utils.data._utils import signal_handling
-
-    check = getattr(signal_handling, "_error_if_any_worker_fails", None)
-    if check is None:  # not offered on this platform or version
-        return None
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            check()
-        except RuntimeError as err:
-            return err
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
-
-
 def worker_failure(err: BaseException, recorded: Sequence[RuntimeError] = ()) -> WorkerDied | None:
     """A clear error for a dead DataLoader worker, or None when ``err`` is something else.
 
     Worker death shows up as: a death torch's SIGCHLD handler found (``recorded`` by
-    ``worker_deaths_explained``); torch's "exited unexpectedly" from a loader that waited for the dead
-    worker's batch; torch's error wrapped by a library it interrupted; or a reset connection while a
-    batch was in transit -- for which torch itself is asked whether one of its workers died."""
+    ``worker_deaths_explained``); the loader's own error when it waited for the dead worker's batch,
+    or when the worker died while handing its batch over (see BatchedLoader); or torch's error
+    wrapped by a library it interrupted."""
     if isinstance(err, WorkerDied):
         return err
     found = recorded[0] if recorded else _worker_error_in_chain(err)
-    if found is None:
-        in_transit = isinstance(err, (OSError, EOFError))  # e.g. ConnectionResetError mid-batch
-        found = _torch_reports_dead_worker(IPC_GRACE_S if in_transit else 0.0)
     if found is None:
         return None
     return WorkerDied(

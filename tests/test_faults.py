@@ -323,35 +323,39 @@ def test_worker_death_is_raised_by_the_loader_not_wherever_the_signal_lands():
     assert "exited unexpectedly" in str(info.value.__cause__)  # what the loader itself raised
 
 
-def test_worker_killed_while_a_batch_is_in_transit_is_explained():
-    """A worker killed while it hands a batch over surfaces first as a reset connection (seen in CI),
-    with torch's SIGCHLD error arriving later or never: torch is asked which worker died."""
+def test_worker_killed_while_a_batch_is_in_transit_is_named_by_the_loader(monkeypatch):
+    """A worker killed while its batch is handed over breaks the transfer (seen in CI as a reset
+    connection) a moment before it shows as dead, so torch's own check finds it alive: the loader
+    waits for a worker to show as dead and names it. Here the transfer is broken for real by closing
+    the receiving end of the data queue, and the worker is SIGKILLed 0.3 s later."""
+    import threading
+
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
-    from pipeline.loading import WorkerDied, worker_deaths_explained
+    from pipeline import loading
+    from pipeline.loading import BatchedLoader, WorkerDied, worker_deaths_explained
 
-    loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1)
-    batches = iter(loader)  # installs torch's SIGCHLD handler
-    next(batches)
-    worker = psutil.Process(batches._workers[0].pid)
-    torchs_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the SIGCHLD never lands here
-    try:
-        worker.kill()
-        deadline = time.monotonic() + 30
-        while worker.status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        with pytest.raises(WorkerDied, match=rf"pid {worker.pid}\) is killed by signal: Killed") as info:
-            with worker_deaths_explained():
-                raise ConnectionResetError(104, "Connection reset by peer")
-        assert isinstance(info.value.__cause__, ConnectionResetError)
-    finally:
-        signal.signal(signal.SIGCHLD, torchs_handler)
-        del batches  # shuts the loader down: its workers leave torch's watch list
-    with pytest.raises(ConnectionResetError):  # no dead worker: the error passes through as it was
+    def broken_transfer():
+        batches = iter(BatchedLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1))
+        next(batches)
+        batches._data_queue._reader.close()  # the next get() fails with OSError, the worker still alive
+        return batches, psutil.Process(batches._workers[0].pid)
+
+    with pytest.raises(WorkerDied, match=r"pid (\d+)\) is killed by signal: Killed") as info:
         with worker_deaths_explained():
-            raise ConnectionResetError(104, "Connection reset by peer")
+            batches, worker = broken_transfer()
+            threading.Timer(0.3, worker.kill).start()
+            next(batches)
+    assert f"pid {worker.pid})" in str(info.value)
+    assert isinstance(info.value.__cause__.__cause__, OSError)  # WorkerDied <- loader's error <- OSError
+
+    monkeypatch.setattr(loading, "IPC_GRACE_S", 0.3)
+    batches, worker = broken_transfer()
+    with pytest.raises(OSError):  # no worker died: the error passes through as it was
+        next(batches)
+    assert worker.is_running()
+    del batches  # shuts the loader down: its worker leaves torch's watch list and exits
 
 
 @pytest.mark.slow
