@@ -27,10 +27,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import PACKAGE_DIR, validate
-
-CONF_DIR = str(PACKAGE_DIR.parent / "conf")
-
+from pipeline.config.resolvers import CONF_DIR
+from pipeline.config.validate import validate
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
     """The config the CLI would run with these overrides, validated, with a concrete ``paths.output_dir``."""
@@ -40,7 +38,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     elif not any(o.startswith("paths.output_dir=") for o in overrides):
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() % 1_000_000:06d}"
         overrides.append(f"paths.output_dir=${{paths.outputs}}/notebook/{stamp}")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="notebook"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="notebook"):
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     out = Path(cfg.paths.output_dir)
@@ -51,26 +49,26 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
 
 def export_data(cfg: DictConfig):
     """Export (or reuse) the source's samples in the configured storage format; returns an ``Export``."""
-    from pipeline.export import export
+    from pipeline.data.export import export
 
     return export(cfg.source, cfg.storage, cfg.paths.data_dir)
 
 
 def split_data(cfg: DictConfig, exp):
-    from pipeline.partition import partition
+    from pipeline.data.partition import partition
 
     return partition(exp.labels, cfg.split)
 
 
 def device(cfg: DictConfig) -> torch.device:
-    from pipeline.train import resolve_device
+    from pipeline.training.train import resolve_device
 
     return resolve_device(cfg.trainer.device)
 
 
 def make_loaders(cfg: DictConfig, exp, split):
     """(train_loader, val_loader) over the export, as the job builds them."""
-    from pipeline.loading import build_loader
+    from pipeline.training.loading import build_loader
 
     dev, seed = device(cfg), cfg.trainer.seed
     train = build_loader(exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=dev)
@@ -79,7 +77,7 @@ def make_loaders(cfg: DictConfig, exp, split):
 
 
 def make_model(cfg: DictConfig, exp):
-    from pipeline.models import build_model
+    from pipeline.training.models import build_model
 
     torch.manual_seed(cfg.trainer.seed)
     return build_model(cfg.model, exp.spec)
@@ -88,7 +86,7 @@ def make_model(cfg: DictConfig, exp):
 def train(cfg: DictConfig, model, train_loader, val_loader) -> list[dict]:
     """Train ``model`` in place for ``cfg.trainer.epochs``; returns one metrics dict per epoch."""
     from pipeline import progress
-    from pipeline.train import fit
+    from pipeline.training.train import fit
 
     progress.configure(cfg.get("progress", "auto"))
     history: list[dict] = []
@@ -105,7 +103,7 @@ def train(cfg: DictConfig, model, train_loader, val_loader) -> list[dict]:
 
 def plot(cfg: DictConfig, exp, model, val_loader, history: list[dict]) -> list[Path]:
     """The run's plots from an untracked session: samples, loss, accuracy, confusion matrix."""
-    from pipeline import plots
+    from pipeline.tracking import plots
 
     out = Path(cfg.paths.output_dir) / "plots"
 

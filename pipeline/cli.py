@@ -11,14 +11,13 @@ perf/train_samples_per_s) -- what Hydra sweepers such as optuna optimise.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-import pipeline.config  # noqa: F401  registers the schemas and the project_root resolver
+from pipeline.config import resolvers  # importing pipeline.config registers the schemas and resolvers
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(resolvers.CONF_DIR)
 
 
 def _terminate(signum, frame):

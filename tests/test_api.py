@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pipeline import api
-from pipeline.config import ConfigError
+from pipeline.config.validate import ConfigError
 from tests.conftest import sqlite_uri
 
 

@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from pipeline.bench import storage_config, validate_bench
-from pipeline.config import ConfigError
+from pipeline.bench.loader import storage_config, validate_bench
+from pipeline.config.validate import ConfigError
 from tests.conftest import CONF_DIR, compose_cfg, run_command, sqlite_uri
 
 TINY = [
@@ -69,7 +69,7 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
 
 
 def compose_bench(root, overrides=()):
-    import pipeline.config  # noqa: F401  registers schemas and resolvers
+    import pipeline.config.schema  # noqa: F401  registers schemas and resolvers
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from pipeline.config import ConfigError, validate
+from pipeline.config.validate import ConfigError, validate
 from tests.conftest import CONF_DIR, compose_cfg, run_cli
 
 GROUPS = ["source", "storage", "split", "loader", "model", "trainer", "tracking", "paths", "experiment"]

@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from pipeline.config import LoaderConfig
-from pipeline.loading import build_loader
-from pipeline.seeding import EpochShuffle, capture_rng, restore_rng, set_epoch
+from pipeline.config.schema import LoaderConfig
+from pipeline.training.loading import build_loader
+from pipeline.training.seeding import EpochShuffle, capture_rng, restore_rng, set_epoch
 from tests.run_helpers import client, histories, run_job
 
 

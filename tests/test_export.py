@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.export import ExportError, export, export_name, open_export
-from pipeline.sources import build_source
-from pipeline.storage.per_sample import sample_path
+from pipeline.data.export import ExportError, export, export_name, open_export
+from pipeline.data.sources import build_source
+from pipeline.data.storage.per_sample import sample_path
 
 SYN = dict(
     name="synthetic",

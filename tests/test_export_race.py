@@ -18,7 +18,7 @@ NUM_SAMPLES = 800  # one torch.save file per sample: the build takes long enough
 def _configs(storage: str):
     from omegaconf import OmegaConf
 
-    from pipeline.config import NpyStorageConfig, PtStorageConfig, SyntheticConfig
+    from pipeline.config.schema import NpyStorageConfig, PtStorageConfig, SyntheticConfig
 
     source = OmegaConf.structured(SyntheticConfig(num_samples=NUM_SAMPLES, shape=[8, 8], num_classes=5))
     fmt = PtStorageConfig() if storage == "pt" else NpyStorageConfig()
@@ -35,11 +35,11 @@ def _digest_of(dataset) -> str:
 
 
 def _racer(data_dir: str, storage: str, log_path: str, barrier, results) -> None:
-    from pipeline.export import export
+    from pipeline.data.export import export
 
     handler = logging.FileHandler(log_path)
-    logging.getLogger("pipeline.export").addHandler(handler)
-    logging.getLogger("pipeline.export").setLevel(logging.INFO)
+    logging.getLogger("pipeline.data.export").addHandler(handler)
+    logging.getLogger("pipeline.data.export").setLevel(logging.INFO)
     source, fmt = _configs(storage)
     barrier.wait()  # everyone asks for the export at the same moment
     exp = export(source, fmt, data_dir)
@@ -73,7 +73,7 @@ def _race(tmp_path: Path, storage: str):
 
 
 def _source_digest(storage: str) -> str:
-    from pipeline.sources import build_source
+    from pipeline.data.sources import build_source
 
     source, _ = _configs(storage)
     h = hashlib.sha256()

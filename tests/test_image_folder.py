@@ -10,10 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.config import ConfigError, validate
-from pipeline.export import export
-from pipeline.sources import build_source
-from pipeline.sources.image_folder import ImageFolderError
+from pipeline.config.validate import ConfigError, validate
+from pipeline.data.export import export
+from pipeline.data.sources import build_source
+from pipeline.data.sources.image_folder import ImageFolderError
 from tests.conftest import compose_cfg, run_cli, sqlite_uri
 from tests.image_folders import BROKEN, CLASSES, make_image_folder
 

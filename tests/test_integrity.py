@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.export import ExportError, export, open_export
-from pipeline.integrity import FILE_LIST, MANIFEST, IntegrityError, SampleReadError
-from pipeline.storage.per_sample import sample_path, sample_relpath
+from pipeline.data.export import ExportError, export, open_export
+from pipeline.data.integrity import FILE_LIST, MANIFEST, IntegrityError, SampleReadError
+from pipeline.data.storage.per_sample import sample_path, sample_relpath
 from tests.conftest import compose_cfg
 
 SOURCE = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pipeline.partition import load_split
+from pipeline.data.partition import load_split
 from tests.conftest import run_cli, sqlite_uri
 
 EPOCH_METRICS = [

@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.config import LoaderConfig
-from pipeline.export import export
-from pipeline.loading import build_loader
+from pipeline.config.schema import LoaderConfig
+from pipeline.data.export import export
+from pipeline.training.loading import build_loader
 
 SYN = dict(
     name="synthetic",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.export import export
-from pipeline.loading import build_loader
-from pipeline.logged_model import load_logged_model
-from pipeline.partition import load_split
-from pipeline.train import evaluate
+from pipeline.data.export import export
+from pipeline.data.partition import load_split
+from pipeline.tracking.logged_model import load_logged_model
+from pipeline.training.loading import build_loader
+from pipeline.training.train import evaluate
 from tests.conftest import compose_cfg, sqlite_uri
 from tests.run_helpers import FAST, client, run_job
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.loading import build_loader
-from pipeline.memory import MemorySampler, snapshot
-from pipeline.sources import SampleSpec
-from pipeline.storage import ram
+from pipeline.data.sources import SampleSpec
+from pipeline.data.storage import ram
+from pipeline.system.memory import MemorySampler, snapshot
+from pipeline.training.loading import build_loader
 from tests.conftest import run_cli, sqlite_uri
 
 MB = 1024 * 1024
@@ -61,7 +61,7 @@ def test_sampler_series_peaks_and_epoch_marks():
 
 
 def test_budget_flag_raises_with_budget_and_measured_figure():
-    from pipeline.memory import MemoryBudgetExceeded
+    from pipeline.system.memory import MemoryBudgetExceeded
 
     mem = MemorySampler(budget_mb=1.0)
     mem.check()  # nothing sampled yet

@@ -7,9 +7,9 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, validate
-from pipeline.memory import MemoryBudgetExceeded
-from pipeline.storage import FORMATS
+from pipeline.config.validate import ConfigError, validate
+from pipeline.data.storage import FORMATS
+from pipeline.system.memory import MemoryBudgetExceeded
 from tests.conftest import compose_cfg, run_cli, sqlite_uri
 
 # the contiguous out-of-core format once it exists, else one file per sample

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.partition import SplitError, load_split, partition, save_split
+from pipeline.data.partition import SplitError, load_split, partition, save_split
 
 
 def _cfg(ratio=0.8, seed=0, stratify=True):

@@ -8,8 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import plots
-from pipeline.export import export
+from pipeline.data.export import export
+from pipeline.tracking import plots
 from tests.conftest import compose_cfg, run_cli, sqlite_uri
 
 PLOTS = {"plots/samples.png", "plots/loss.png", "plots/accuracy.png", "plots/confusion_matrix.png"}

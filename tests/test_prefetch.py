@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loading import batching, build_loader
-from pipeline.prefetch import ThreadPrefetcher
-from pipeline.storage import get_format
+from pipeline.data.storage import get_format
+from pipeline.training.loading import batching, build_loader
+from pipeline.training.prefetch import ThreadPrefetcher
 from tests.conftest import compose_cfg
 from tests.test_storage_formats import random_data, write_format
 
@@ -70,7 +70,7 @@ def test_prefetch_stops_its_thread_on_early_exit():
 
 
 def test_prefetch_depth_validated(tmp_path):
-    from pipeline.config import ConfigError, validate
+    from pipeline.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError, match="loader.thread_prefetch"):
         validate(compose_cfg(tmp_path, ["loader.thread_prefetch=-1"]))
@@ -91,7 +91,7 @@ def test_same_order_with_and_without_workers(tmp_path):
 
 
 def test_batched_loader_leaves_iterable_datasets_to_torch():
-    from pipeline.loading import BatchedLoader
+    from pipeline.training.loading import BatchedLoader
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from pipeline import progress
-from pipeline.config import ConfigError, validate
+from pipeline.config.validate import ConfigError, validate
 from tests.conftest import REPO, compose_cfg
 
 BAR = "%|"  # tqdm draws "NN%|####  |"

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline.loading import build_loader
-from pipeline.partition import partition
-from pipeline.sources import SampleSpec
-from pipeline.storage import get_format
+from pipeline.data.partition import partition
+from pipeline.data.sources import SampleSpec
+from pipeline.data.storage import get_format
+from pipeline.training.loading import build_loader
 from tests.test_determinism import Ids
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""``python -m pipeline.reproduce RUN_ID``: rerun from MLflow's records, compare metric by metric."""
+"""``python -m pipeline.runs.reproduce RUN_ID``: rerun from MLflow's records, compare metric by metric."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.reproduce import compare, main, rerun_overrides
+from pipeline.runs.reproduce import compare, main, rerun_overrides
 from tests.conftest import REPO, run_cli, sqlite_uri
 from tests.run_helpers import FAST, client, run_job
 
@@ -58,7 +58,7 @@ def test_unknown_run_or_one_without_overrides_exits_2(tmp_path, capsys):
 def _reproduce(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.reproduce", *args],
+        [sys.executable, "-m", "pipeline.runs.reproduce", *args],
         cwd=root,
         env=env,
         capture_output=True,

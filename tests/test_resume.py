@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointDir, CheckpointError, list_checkpoints, load_checkpoint
-from pipeline.config import ConfigError
-from pipeline.resume import open_resume
+from pipeline.config.validate import ConfigError
+from pipeline.runs.checkpoint import CheckpointDir, CheckpointError, list_checkpoints, load_checkpoint
+from pipeline.runs.resume import open_resume
 from tests.conftest import REPO, compose_cfg, sqlite_uri
 from tests.run_helpers import FAST, client, histories, run_id_for, run_job
 
@@ -39,6 +39,23 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     original = c.get_run(part)
     assert original.info.status == "KILLED" and original.data.tags["pipeline.resumed_by"] == resumed
     assert c.get_run(resumed).data.metrics["train/samples_seen"] == 4 * 1437
+
+
+def test_resumed_samples_seen_is_carried_from_the_checkpoint_not_derived(tmp_path):
+    """train/samples_seen is counted batch by batch, per epoch; a resumed run starts from the count its
+    checkpoint holds (here altered on purpose: a formula would not see the change)."""
+    part = run_job(tmp_path, ["trainer.epochs=2"], "part")
+    assert [v for _, v in histories(tmp_path, part, ["train/samples_seen"])["train/samples_seen"]] == [
+        1437,
+        2874,
+    ]
+    path = tmp_path / "part" / "checkpoints" / "epoch_0002.pt"
+    state = load_checkpoint(path)
+    assert state["samples_seen"] == 2874
+    state["samples_seen"] = 1000
+    torch.save(state, path)
+    resumed = run_job(tmp_path, ["trainer.epochs=3", f"trainer.resume={path}"], "resumed")
+    assert client(tmp_path).get_run(resumed).data.metrics["train/samples_seen"] == 1000 + 1437
 
 
 def test_resume_refuses_another_config_a_finished_one_and_a_live_run(tmp_path):
@@ -83,7 +100,7 @@ def _cli(root: Path, run_dir: str, *overrides: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkill_after_epoch_2_of_4_then_resume_matches_uninterrupted(tmp_path):
-    from pipeline.tracking import prepare_store
+    from pipeline.tracking.store import prepare_store
 
     prepare_store(sqlite_uri(tmp_path), "pipeline")  # one process creates the store, before the jobs
     overrides = ("trainer.epochs=4", "trainer.keep_checkpoints=0")
@@ -123,7 +140,7 @@ def test_sigkill_after_epoch_2_of_4_then_resume_matches_uninterrupted(tmp_path):
     [("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints"), ("trainer.resume=' '", "trainer.resume")],
 )
 def test_bad_checkpoint_settings_are_refused_by_validate(tmp_path, override, key):
-    from pipeline.config import validate
+    from pipeline.config.validate import validate
 
     with pytest.raises(ConfigError, match=key):
         validate(compose_cfg(tmp_path, [override]))

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from pipeline.export import export, open_export
-from pipeline.integrity import FILE_LIST, IntegrityError, SampleReadError, write_file_list
-from pipeline.safe_paths import UnsafePath, safe_join, safe_name, safe_relpath
-from pipeline.storage.per_sample import sample_path
+from pipeline.data.export import export, open_export
+from pipeline.data.integrity import FILE_LIST, IntegrityError, SampleReadError, write_file_list
+from pipeline.data.safe_paths import UnsafePath, safe_join, safe_name, safe_relpath
+from pipeline.data.storage.per_sample import sample_path
 
 SOURCE = {
     "name": "synthetic",

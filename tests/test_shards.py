@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.storage.batching import RandomBatchSampler, shuffle_quality
-from pipeline.storage.shards import BlockShuffleBatchSampler, samples_per_shard
+from pipeline.data.storage.batching import RandomBatchSampler, shuffle_quality
+from pipeline.data.storage.shards import BlockShuffleBatchSampler, samples_per_shard
 from tests.test_storage_formats import random_data, write_format
 
 
@@ -88,7 +88,7 @@ def test_shard_files_and_index(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, -1.5])
 def test_bad_shard_size_is_rejected(tmp_path, bad):
-    from pipeline.config import ConfigError, validate
+    from pipeline.config.validate import ConfigError, validate
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(tmp_path, ["storage=shards", f"storage.shard_size_mb={bad}"])
@@ -100,7 +100,7 @@ def test_bad_shard_size_is_rejected(tmp_path, bad):
 
 
 def test_buffer_is_a_read_option_not_a_new_export(tmp_path):
-    from pipeline.export import export_name
+    from pipeline.data.export import export_name
     from tests.conftest import compose_cfg
 
     a = compose_cfg(tmp_path, ["source=synthetic", "storage=shards", "storage.shuffle_buffer_shards=1"])

@@ -9,8 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pipeline.sources import build_source
-from pipeline.sources.lfw import LFWUnavailable
+from pipeline.data.sources import build_source
+from pipeline.data.sources.lfw import LFWUnavailable
 
 
 def _cfg(**kw):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sources import SampleSpec
-from pipeline.storage import FORMATS, get_format
-from pipeline.storage.per_sample import sample_path
+from pipeline.data.sources import SampleSpec
+from pipeline.data.storage import FORMATS, get_format
+from pipeline.data.storage.per_sample import sample_path
 
 
 @pytest.mark.parametrize("name", ["pt", "npy"])

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, get_worker_info
 
-from pipeline.loading import build_loader
-from pipeline.sources import SampleSpec
-from pipeline.storage import FORMATS, get_format
+from pipeline.data.sources import SampleSpec
+from pipeline.data.storage import FORMATS, get_format
+from pipeline.training.loading import build_loader
 from tests.conftest import compose_cfg
 
 STORAGE_CFG = {

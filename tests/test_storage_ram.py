@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.export import export
+from pipeline.data.export import export
 from tests.conftest import compose_cfg
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sweep_report import CSV_NAME, MD_NAME, MEMORY_PNG, THROUGHPUT_PNG
+from pipeline.tracking.sweep_report import CSV_NAME, MD_NAME, MEMORY_PNG, THROUGHPUT_PNG
 from tests.conftest import run_cli, sqlite_uri
 
 TINY = ["trainer.epochs=1", "model.hidden=[16]"]
@@ -131,7 +131,7 @@ def test_joblib_sweep_exports_each_storage_once_with_loader_workers(tmp_path):
     assert len(exports) == 2
     # DataLoader workers ran inside the loky jobs; threads split between the parallel jobs
     assert {c.data.params["loader.num_workers"] for c in children} == {"0", "2"}
-    from pipeline.threads import usable_cores
+    from pipeline.training.threads import usable_cores
 
     assert {c.data.params["torch.num_threads"] for c in children} == {str(max(1, usable_cores() // 2))}
 

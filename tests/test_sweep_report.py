@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import ConfigError, validate
-from pipeline.sweep_report import (
+from pipeline.config.validate import ConfigError, validate
+from pipeline.tracking.sweep_report import (
     CSV_NAME,
     MD_NAME,
     MEMORY_PNG,
@@ -21,7 +21,7 @@ from pipeline.sweep_report import (
     parse_overrides,
     write_report,
 )
-from pipeline.threads import apply_torch_threads, auto_threads
+from pipeline.training.threads import apply_torch_threads, auto_threads
 from tests.conftest import CONF_DIR, compose_cfg
 
 

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, validate
+from pipeline.config.validate import ConfigError, validate
 from tests.conftest import compose_cfg, run_cli
 
 # override(s), key named in the error, a fragment of "what is valid"

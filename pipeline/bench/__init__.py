@@ -1,0 +1,5 @@
+"""Benchmarks that print their figures beside a baseline measured in the same run.
+
+python -m pipeline.bench              # loader throughput per storage format (loader.py, conf/bench.yaml)
+python -m pipeline.bench.memory       # peak memory of one epoch per format and data size (memory.py)
+"""

@@ -1,0 +1,236 @@
+"""Config schemas: every default is written here, once; conf/ YAML options hold only what differs.
+
+    import pipeline.config   # registers these dataclasses in Hydra's ConfigStore as base_*
+
+Every config group option in ``conf/`` extends one of the dataclasses below, so a wrong type or an
+unknown key fails when Hydra composes the config. Checks that composition cannot express live in
+pipeline/config/validate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class SourceConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DigitsConfig(SourceConfig):
+    name: str = "digits"
+
+
+@dataclass
+class LFWConfig(SourceConfig):
+    name: str = "lfw"
+    data_home: Optional[str] = None  # scikit-learn's cache folder; default ~/scikit_learn_data
+    min_faces_per_person: int = 0
+    resize: float = 0.5
+    color: bool = False
+    funneled: bool = True
+    download_if_missing: bool = True
+    download_timeout_s: float = 20.0  # per network attempt
+    download_retries: int = 3  # further attempts after a failed download (1 s apart)
+
+
+@dataclass
+class SyntheticConfig(SourceConfig):
+    name: str = "synthetic"
+    num_samples: int = 10_000
+    shape: List[int] = field(default_factory=lambda: [62, 47])
+    num_classes: int = 10
+    dtype: str = "float32"
+    seed: int = 0
+    noise: float = 1.0
+    block_size: int = 1024  # samples generated per block; part of the data's definition
+
+
+@dataclass
+class ImageFolderConfig(SourceConfig):
+    name: str = "image_folder"
+    root: str = MISSING  # one sub-folder per class
+    mode: str = "L"  # L (grey, [H, W]) | RGB ([H, W, 3])
+    size: List[int] = field(default_factory=lambda: [64, 64])  # [H, W]
+    extensions: List[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])
+    on_error: str = "skip"  # skip | fail: what an unreadable file or an escaping link does
+    check: str = "full"  # full (decode while listing) | header (faster; see sources/image_folder.py)
+    chunk_size: int = 256
+
+
+@dataclass
+class StorageConfig:
+    name: str = MISSING
+
+
+@dataclass
+class PtStorageConfig(StorageConfig):
+    name: str = "pt"
+
+
+@dataclass
+class NpyStorageConfig(StorageConfig):
+    name: str = "npy"
+
+
+@dataclass
+class MemmapStorageConfig(StorageConfig):
+    name: str = "memmap"
+
+
+@dataclass
+class ShardsStorageConfig(StorageConfig):
+    name: str = "shards"
+    shard_size_mb: float = 64.0  # MiB per shard file (at least one sample per shard)
+    shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
+
+
+@dataclass
+class RamStorageConfig(StorageConfig):
+    name: str = "ram"
+
+
+@dataclass
+class SplitConfig:
+    ratio: float = 0.8
+    seed: int = 0
+    stratify: bool = True
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    shuffle: bool = True
+    num_workers: int = 0
+    pin_memory: str = "auto"  # auto (only with CUDA) | true | false
+    prefetch_factor: int = 2  # passed only when num_workers > 0
+    persistent_workers: bool = False  # passed only when num_workers > 0
+    drop_last: bool = False
+    multiprocessing_context: str = "auto"  # auto (fork where available) | fork | spawn | forkserver
+    thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [256, 128])
+    dropout: float = 0.0
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    name: str = "cnn"
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    hidden: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 5
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    seed: int = 0
+    torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
+    checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
+    resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
+    memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
+    memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    experiment: str = "pipeline"
+    artifact_location: Optional[str] = None  # used only when a local store creates the experiment
+    run_name: Optional[str] = None
+    log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    outputs: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    source: Any = MISSING
+    storage: Any = MISSING
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
+    verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
+    progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
+
+
+@dataclass
+class BenchOptions:
+    """``python -m pipeline.bench``: the grid it measures and how long it measures each point."""
+
+    storages: List[str] = field(default_factory=lambda: ["pt", "memmap", "shards"])
+    num_workers: List[int] = field(default_factory=lambda: [0])
+    batch_sizes: List[int] = field(default_factory=lambda: [64])
+    thread_prefetch: List[int] = field(default_factory=lambda: [0])
+    min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
+    min_seconds: float = 1.0  # ... and at least this long in total
+    max_passes: int = 100
+    seed: int = 0
+
+
+@dataclass
+class BenchConfig:
+    source: Any = MISSING
+    storage: Any = MISSING
+    split: SplitConfig = field(default_factory=SplitConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    bench: BenchOptions = field(default_factory=BenchOptions)
+    progress: str = "auto"  # progress bars (exports): auto | true | false
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(name="base_bench", node=BenchConfig)
+    for group, name, node in [
+        ("source", "base_digits", DigitsConfig),
+        ("source", "base_lfw", LFWConfig),
+        ("source", "base_synthetic", SyntheticConfig),
+        ("source", "base_image_folder", ImageFolderConfig),
+        ("storage", "base_pt", PtStorageConfig),
+        ("storage", "base_npy", NpyStorageConfig),
+        ("storage", "base_memmap", MemmapStorageConfig),
+        ("storage", "base_shards", ShardsStorageConfig),
+        ("storage", "base_ram", RamStorageConfig),
+        ("split", "base_split", SplitConfig),
+        ("loader", "base_loader", LoaderConfig),
+        ("model", "base_mlp", MLPConfig),
+        ("model", "base_cnn", CNNConfig),
+        ("trainer", "base_trainer", TrainerConfig),
+        ("tracking", "base_tracking", TrackingConfig),
+        ("paths", "base_paths", PathsConfig),
+    ]:
+        cs.store(group=group, name=name, node=node)

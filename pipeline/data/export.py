@@ -1,0 +1,292 @@
+"""Export stage: write a source's samples to disk in a storage format, once.
+
+    from pipeline.data.export import export
+    exp = export(cfg.source, cfg.storage, data_dir="outputs/data")
+    exp.root, exp.spec, exp.labels, exp.reused
+
+The export lives in ``<data_dir>/<source>-<storage>-<fingerprint>/``, where the fingerprint hashes
+the source and storage configs (and the layout version). It is built in a hidden temporary folder
+beside it and renamed into place only when every file and the manifest are written and synced, so a
+folder with that name is always complete. A complete export is reused, never rewritten. An
+inter-process lock per export makes concurrent jobs build it once: the others wait, then reuse it.
+
+Every file's size, mtime and sha256 go into ``files.json`` (see pipeline/integrity.py). Opening an
+export checks them cheaply every time -- a missing, added, resized or re-written file fails with its
+name -- and ``verify=True`` (config ``verify=true``) re-hashes every file. A build that fails (disk
+full, permissions, a kill) leaves no folder under the published name; a killed build's hidden temp
+folder is removed by the next build.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from pipeline import fsio, progress
+from pipeline.data.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
+from pipeline.data.sources import SampleSpec, build_source, source_identity
+from pipeline.data.storage import get_format
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 2  # 2: files.json with per-file digests
+LABELS = "labels.npy"
+
+
+MANIFEST_KEYS = ("fingerprint", "name", "source", "storage", "num_samples", "shape", "dtype", "num_classes")
+
+
+@dataclass
+class Export:
+    root: Path
+    manifest: dict
+    labels: np.ndarray
+    reused: bool
+
+    @property
+    def spec(self) -> SampleSpec:
+        m = self.manifest
+        return SampleSpec(
+            num_samples=m["num_samples"],
+            shape=tuple(m["shape"]),
+            dtype=m["dtype"],
+            num_classes=m["num_classes"],
+            class_names=tuple(m["class_names"]),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def dataset(self, ids: np.ndarray, storage_cfg=None):
+        """A map-style Dataset over the sample ids ``ids`` of this export."""
+        fmt = get_format(self.manifest["storage"]["name"])
+        return fmt.Dataset(self.root, self.spec, self.labels, ids, storage_cfg)
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def write_options(storage_cfg) -> dict:
+    """The storage config minus the format's read-time options (``READ_OPTIONS``), which the
+    files on disk do not depend on: changing one reuses the export."""
+    plain = _plain(storage_cfg)
+    skip = getattr(get_format(plain["name"]), "READ_OPTIONS", ())
+    return {k: v for k, v in plain.items() if k not in skip}
+
+
+def fingerprint(source_cfg, storage_cfg) -> str:
+    payload = {
+        "layout": LAYOUT_VERSION,
+        "source": _plain(source_cfg),
+        "storage": write_options(storage_cfg),
+    }
+    identity = source_identity(source_cfg)  # e.g. an image folder's file listing
+    if identity is not None:
+        payload["source_identity"] = identity
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def export_name(source_cfg, storage_cfg) -> str:
+    return f"{source_cfg.name}-{storage_cfg.name}-{fingerprint(source_cfg, storage_cfg)}"
+
+
+def _config_only(source: dict) -> bool:
+    """True when the source's data is defined by its config alone (no ``identity`` hook)."""
+    import importlib
+
+    from pipeline.data.sources import SOURCES
+
+    name = source.get("name")
+    return name in SOURCES and getattr(importlib.import_module(SOURCES[name]), "identity", None) is None
+
+
+def open_export(root: Path, verify: bool = False) -> Export:
+    """Open a published export: its manifest, its files (cheap checks; digests with ``verify``), labels.
+
+    Raises IntegrityError naming what disagrees; training must never start on such data.
+    """
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise ExportError(f"{root} is not a complete export: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{manifest_path} is not valid JSON: {err}") from err
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise IntegrityError(f"{manifest_path} lacks {missing}; delete {root} to re-export")
+    want = manifest["fingerprint"]
+    if _config_only(manifest["source"]):  # sources with an identity (a folder listing) are not re-scanned
+        want = fingerprint(manifest["source"], manifest["storage"])
+    if manifest["fingerprint"] != want or manifest["name"] != root.name or not root.name.endswith(want):
+        raise IntegrityError(
+            f"{manifest_path} disagrees with its folder: its source/storage configs hash to {want}, "
+            f"manifest fingerprint {manifest['fingerprint']}, folder {root.name}; delete {root} to re-export"
+        )
+    files = check_files(root, manifest, verify=verify)
+    spec = Export(root, manifest, np.empty(0), True).spec
+    fmt = get_format(manifest["storage"]["name"])
+    if hasattr(fmt, "check"):  # a format's own structural check (optional)
+        fmt.check(root, spec, {rel: v[0] for rel, v in files.items()})
+    try:
+        labels = np.load(root / LABELS, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{root / LABELS} cannot be read: {err}") from err
+    if labels.shape != (manifest["num_samples"],) or labels.dtype.kind not in "iu":
+        raise IntegrityError(
+            f"{root / LABELS} holds {labels.shape} {labels.dtype} labels, manifest says "
+            f"{manifest['num_samples']} integer labels"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= manifest["num_classes"]):
+        raise IntegrityError(
+            f"{root / LABELS} holds labels outside [0, {manifest['num_classes']}) (manifest num_classes)"
+        )
+    return Export(root=root, manifest=manifest, labels=labels, reused=True)
+
+
+def export(source_cfg, storage_cfg, data_dir, verify: bool = False) -> Export:
+    """Return the export for these configs, building it first if no complete one exists.
+
+    A reused export is checked (cheaply, or every digest with ``verify``); a build that fails for lack
+    of space or permission raises ExportError saying so, and leaves nothing under the published name.
+    """
+    data_dir = Path(data_dir)
+    name = export_name(source_cfg, storage_cfg)
+    final = data_dir / name
+    lock_path = data_dir / ".locks" / f"{name}.lock"
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        open(lock_path, "a").close()
+    except OSError as err:
+        raise ExportError(
+            f"cannot write to the data dir {data_dir}: {err.strerror or err} ({err.filename}); "
+            "set paths.data_dir to a writable folder"
+        ) from err
+    with fsio.locked(lock_path, on_wait=lambda: log.info("waiting for another process to build %s", name)):
+        if (final / MANIFEST).is_file():
+            exp = open_export(final, verify=verify)
+            log.info("export: reusing %s%s", final, " (every digest verified)" if verify else "")
+            return exp
+        if final.exists():  # no manifest: cannot be ours, never trust it
+            raise ExportError(f"{final} exists but has no {MANIFEST}; delete it to re-export")
+        for stale in data_dir.glob(f".tmp-{name}-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = data_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            _build(tmp, source_cfg, storage_cfg, name)
+            os.rename(tmp, final)
+            fsio.fsync_dir(data_dir)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise ExportError(_write_failure(err, data_dir, final)) from err
+            raise
+    exp = open_export(final)  # just hashed from disk: the cheap check is enough
+    exp.reused = False
+    return exp
+
+
+def _write_failure(err: OSError, data_dir: Path, final: Path) -> str:
+    why = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "a file exceeds the size limit",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+    }.get(err.errno, "a write failed")
+    try:
+        free = f"{shutil.disk_usage(data_dir).free / 1e6:.1f} MB free in {data_dir}"
+    except OSError:
+        free = f"free space in {data_dir} unknown"
+    return (
+        f"export of {final.name} failed: {why} ({err.strerror or err}: {err.filename}; {free}). "
+        "The partial export was removed and nothing was published; free space or fix permissions "
+        "(or set paths.data_dir) and rerun"
+    )
+
+
+def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
+    t0 = time.perf_counter()
+    source = build_source(source_cfg)
+    spec = source.spec
+    need, free = spec.num_samples * spec.sample_bytes, shutil.disk_usage(tmp.parent).free
+    if need > free:  # a lower bound (formats add overhead): refuse before writing anything
+        raise ExportError(
+            f"not enough disk space for {name}: its {spec.num_samples} samples need at least "
+            f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free in {tmp.parent}; free space or set paths.data_dir"
+        )
+    tmp.mkdir(parents=True)
+    writer = get_format(storage_cfg.name).Writer(tmp, spec, storage_cfg)
+    labels = np.empty(spec.num_samples, dtype=np.int64)
+    digest = hashlib.sha256()
+    done, next_report = 0, 0.1
+    log.info(
+        "export: writing %d samples of %s %s to %s",
+        spec.num_samples,
+        spec.shape,
+        spec.dtype,
+        tmp.parent / name,
+    )
+    for x, y in progress.samples(source.chunks(), spec.num_samples, "export"):
+        x = np.ascontiguousarray(x, dtype=spec.dtype)
+        if x.shape[1:] != spec.shape or len(x) != len(y):
+            raise ExportError(
+                f"source chunk has shape {x.shape} with {len(y)} labels; expected samples of {spec.shape}"
+            )
+        if done + len(y) > spec.num_samples:
+            raise ExportError(f"source yielded more than the {spec.num_samples} samples it declared")
+        writer.write(x, y)
+        labels[done : done + len(y)] = y
+        digest.update(x.tobytes())
+        digest.update(np.asarray(y, dtype=np.int64).tobytes())
+        done += len(y)
+        if done >= next_report * spec.num_samples:
+            secs = time.perf_counter() - t0
+            log.info(
+                "export: %d/%d samples (%.0f%%), %.1f MB/s",
+                done,
+                spec.num_samples,
+                100 * done / spec.num_samples,
+                done * spec.sample_bytes / 1e6 / max(secs, 1e-9),
+            )
+            next_report += 0.1
+    writer.close()
+    if done != spec.num_samples:
+        raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
+    np.save(tmp / LABELS, labels, allow_pickle=False)
+    fsio.sync_tree(tmp)  # every sample on disk before the manifest says the export is complete
+    files = write_file_list(tmp, getattr(writer, "digests", None))  # size, mtime, sha256 per file
+    manifest = {
+        "layout_version": LAYOUT_VERSION,
+        "fingerprint": name.rsplit("-", 1)[-1],
+        "name": name,
+        "source": _plain(source_cfg),
+        "storage": write_options(storage_cfg),
+        "num_samples": spec.num_samples,
+        "shape": list(spec.shape),
+        "dtype": spec.dtype,
+        "num_classes": spec.num_classes,
+        "class_names": list(spec.class_names),
+        "content_sha256": digest.hexdigest(),
+        "files": files,
+        "export_seconds": round(time.perf_counter() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    fsio.atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    log.info("export: %d samples, %.1f MB in %.2f s", done, files["bytes"] / 1e6, time.perf_counter() - t0)

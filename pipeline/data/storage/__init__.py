@@ -1,0 +1,30 @@
+"""Storage formats: how exported samples sit on disk and how a Dataset reads them back.
+
+One format = one module here with a ``Writer`` and a ``Dataset``, plus one YAML in conf/storage/:
+
+    Writer(root, spec, cfg)            .write(x, y) for consecutive chunks, then .close()
+    Dataset(root, spec, labels, ids, cfg)
+                                        a map-style torch Dataset over the sample ids ``ids``;
+                                        item i is (tensor of spec.shape, int label of ids[i])
+
+Labels (``labels.npy``) and the manifest are written by the export stage for every format.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FORMATS = {
+    "pt": "pipeline.data.storage.pt",
+    "npy": "pipeline.data.storage.npy",
+    "memmap": "pipeline.data.storage.memmap",
+    "shards": "pipeline.data.storage.shards",
+    "ram": "pipeline.data.storage.ram",
+}
+
+
+def get_format(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise ValueError(f"Unknown storage format {name!r}; valid: {sorted(FORMATS)}")
+    return importlib.import_module(FORMATS[name])

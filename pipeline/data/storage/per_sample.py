@@ -1,0 +1,106 @@
+"""Shared layout of the one-file-per-sample formats (``pt``, ``npy``).
+
+Sample ``i`` lives at ``samples/<i // 10000>/<i>.<ext>`` so that no folder holds more than 10,000
+files however large the export. Subclasses only say how one array is saved and loaded.
+
+Reading is guarded: a sample that cannot be decoded (truncated, corrupted, a pickle -- loaders never
+unpickle) or that decodes to another shape or dtype than the manifest's raises ``SampleReadError``
+naming the file. ``check_samples`` (each format's ``check`` hook) makes sure the export's file list
+holds one file per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.integrity import IntegrityError, sample_error
+
+FILES_PER_FOLDER = 10_000
+
+
+def sample_relpath(sid: int, ext: str) -> str:
+    return f"samples/{sid // FILES_PER_FOLDER:05d}/{sid:09d}.{ext}"
+
+
+def sample_path(root: Path, sid: int, ext: str) -> Path:
+    return root / sample_relpath(sid, ext)
+
+
+def check_samples(root: Path, spec, files: dict[str, int], ext: str) -> None:
+    """Raise IntegrityError unless the file list holds exactly one file per sample."""
+    missing = [sid for sid in range(spec.num_samples) if sample_relpath(sid, ext) not in files]
+    n_samples = sum(rel.startswith("samples/") for rel in files)
+    if missing or n_samples != spec.num_samples:
+        first = f"; first missing: {sample_relpath(missing[0], ext)}" if missing else ""
+        raise IntegrityError(
+            f"export {root} holds {n_samples} sample files for the manifest's {spec.num_samples} "
+            f"samples{first}. Delete the folder to re-export"
+        )
+
+
+class PerSampleWriter:
+    """Writes each sample through memory so its sha256 is known without reading the file back."""
+
+    ext = ""
+
+    def __init__(self, root: Path, spec, cfg) -> None:
+        self.root, self.spec, self.next_id = Path(root), spec, 0
+        self.digests: dict[str, str] = {}  # relpath -> sha256, used by integrity.write_file_list
+
+    def save(self, sample: np.ndarray, fh) -> None:
+        """Serialise one sample into the binary file object ``fh``."""
+        raise NotImplementedError
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        for sample in x:
+            rel = sample_relpath(self.next_id, self.ext)
+            path = self.root / rel
+            if self.next_id % FILES_PER_FOLDER == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            # a copy: saving a view of a larger array can store the whole array in every file
+            self.save(np.array(sample, copy=True, order="C"), buf)
+            data = buf.getbuffer()
+            with open(path, "wb") as fh:
+                fh.write(data)
+            self.digests[rel] = hashlib.sha256(data).hexdigest()
+            self.next_id += 1
+
+    def close(self) -> None:
+        pass
+
+
+class PerSampleDataset(torch.utils.data.Dataset):
+    ext = ""
+
+    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
+        self.root, self.spec = Path(root), spec
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
+        # what every sample must decode to, worked out once rather than per item
+        self.want = (tuple(spec.shape), torch.from_numpy(np.empty(0, dtype=spec.dtype)).dtype)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, path: Path) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        sid = int(self.ids[i])
+        path = sample_path(self.root, sid, self.ext)
+        try:
+            x = self.load(path)
+        except Exception as err:  # truncated, corrupted, a pickle refused, missing, ...
+            raise sample_error(sid, path, err, self.root) from err
+        if (tuple(x.shape), x.dtype) != self.want:
+            got = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+            raise sample_error(
+                sid, path, f"holds {got}, manifest says {self.spec.shape} {self.spec.dtype}", self.root
+            )
+        return x, int(self.labels[i])

@@ -1,0 +1,64 @@
+"""``ram``: one contiguous ``data.npy``, loaded whole into memory when the Dataset is built.
+
+    pipeline storage=ram                     # fast per item, but memory grows with the data
+
+The Writer streams chunks into ``data.npy`` (samples in id order, shape ``(n, *spec.shape)``); the
+Dataset copies the samples of its ids into one in-memory array up front -- the approach that fails
+when the data does not fit in RAM, kept so that users and ``python -m pipeline.bench.memory`` can see
+the contrast with the out-of-core formats. The copy is read in sorted chunks through a read-only
+memory map, so it never needs twice the split's size; the map is dropped afterwards. Workers forked
+after the load share the array copy-on-write (nothing in it is a Python object, so reading it does
+not copy pages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = "data.npy"
+READ_CHUNK = 4096  # samples per read while loading
+
+
+class Writer:
+    def __init__(self, root: Path, spec, cfg) -> None:
+        self.path, self.spec, self.next_id = Path(root) / DATA, spec, 0
+        self.data = np.lib.format.open_memmap(
+            self.path, mode="w+", dtype=np.dtype(spec.dtype), shape=(spec.num_samples, *spec.shape)
+        )
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        end = self.next_id + len(x)
+        if end > len(self.data):
+            raise ValueError(f"{self.path}: more than the {len(self.data)} samples declared")
+        self.data[self.next_id : end] = x
+        self.next_id = end
+
+    def close(self) -> None:
+        self.data.flush()
+        del self.data
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
+        path = Path(root) / DATA
+        stored = np.load(path, mmap_mode="r", allow_pickle=False)
+        want = (spec.num_samples, *spec.shape)
+        if stored.shape != want or stored.dtype != np.dtype(spec.dtype):
+            raise ValueError(f"{path} holds {stored.shape} {stored.dtype}; expected {want} {spec.dtype}")
+        self.x = np.empty((len(self.ids), *spec.shape), dtype=stored.dtype)
+        order = np.argsort(self.ids, kind="stable")  # read the file front to back
+        for start in range(0, len(order), READ_CHUNK):
+            sel = order[start : start + READ_CHUNK]
+            self.x[sel] = stored[self.ids[sel]]
+        del stored
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.x[i]), int(self.labels[i])
