@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config.resolvers import CONF_DIR
 from pipeline.config.validate import validate
 
+
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
     """The config the CLI would run with these overrides, validated, with a concrete ``paths.output_dir``."""
     overrides = list(overrides)

@@ -26,6 +26,9 @@ def _terminate(signum, frame):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    from pipeline.config.validate import validate
+
+    validate(cfg)  # a config error fails here, before torch and MLflow are imported
     from pipeline.job import run
 
     signal.signal(signal.SIGTERM, _terminate)

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -124,11 +125,8 @@ def test_a_changed_folder_gives_a_new_export(tmp_path):
 @pytest.mark.parametrize(
     "override,key",
     [
-        ("source.mode=CMYK", "source.mode"),
         ("source.size=[0,8]", "source.size"),
         ("source.size=[8]", "source.size"),
-        ("source.on_error=ignore", "source.on_error"),
-        ("source.check=none", "source.check"),
         ("source.extensions=[]", "source.extensions"),
         ("source.chunk_size=0", "source.chunk_size"),
     ],
@@ -136,6 +134,20 @@ def test_a_changed_folder_gives_a_new_export(tmp_path):
 def test_bad_values_are_named(tmp_path, override, key):
     with pytest.raises(ConfigError, match=rf"Invalid config: {key}="):
         validate(_cfg(tmp_path, tmp_path, override))
+
+
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("source.mode=CMYK", "[L, RGB]"),
+        ("source.on_error=ignore", "[skip, fail]"),
+        ("source.check=none", "[full, header]"),
+    ],
+)
+def test_closed_choices_fail_at_composition_naming_the_valid_ones(tmp_path, override, valid):
+    with pytest.raises(ConfigCompositionException) as info:
+        _cfg(tmp_path, tmp_path, override)
+    assert f"expected one of {valid}" in str(info.value.__cause__)
 
 
 def test_root_is_required_and_must_exist(tmp_path):

@@ -10,10 +10,57 @@ pipeline/config/validate.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A closed set of string options: a wrong value fails when Hydra composes, naming the valid ones.
+    Members compare equal to their strings and print as them (``str(Optimizer.adam) == "adam"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SampleDtype(Choice):
+    float16 = "float16"
+    float32 = "float32"
+    float64 = "float64"
+    uint8 = "uint8"
+
+
+class ImageMode(Choice):
+    L = "L"  # grey, samples of [H, W]
+    RGB = "RGB"  # samples of [H, W, 3]
+
+
+class OnError(Choice):
+    skip = "skip"  # name the file in the log and leave it out
+    fail = "fail"  # stop the export
+
+
+class ImageCheck(Choice):
+    full = "full"  # decode every file while listing
+    header = "header"  # read headers only (faster; a broken body fails the export, naming the file)
+
+
+class StartMethod(Choice):
+    auto = "auto"  # fork where the platform has it
+    fork = "fork"
+    spawn = "spawn"
+    forkserver = "forkserver"
+
+
+class Optimizer(Choice):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+MODEL_NAMES = ("mlp", "cnn")  # conf/model/<name>.yaml; pipeline/training/models.py builds them
 
 
 @dataclass
@@ -45,7 +92,7 @@ class SyntheticConfig(SourceConfig):
     num_samples: int = 10_000
     shape: List[int] = field(default_factory=lambda: [62, 47])
     num_classes: int = 10
-    dtype: str = "float32"
+    dtype: SampleDtype = SampleDtype.float32
     seed: int = 0
     noise: float = 1.0
     block_size: int = 1024  # samples generated per block; part of the data's definition
@@ -55,11 +102,11 @@ class SyntheticConfig(SourceConfig):
 class ImageFolderConfig(SourceConfig):
     name: str = "image_folder"
     root: str = MISSING  # one sub-folder per class
-    mode: str = "L"  # L (grey, [H, W]) | RGB ([H, W, 3])
+    mode: ImageMode = ImageMode.L
     size: List[int] = field(default_factory=lambda: [64, 64])  # [H, W]
     extensions: List[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])
-    on_error: str = "skip"  # skip | fail: what an unreadable file or an escaping link does
-    check: str = "full"  # full (decode while listing) | header (faster; see sources/image_folder.py)
+    on_error: OnError = OnError.skip  # what an unreadable file or a link leaving root does
+    check: ImageCheck = ImageCheck.full
     chunk_size: int = 256
 
 
@@ -111,7 +158,7 @@ class LoaderConfig:
     prefetch_factor: int = 2  # passed only when num_workers > 0
     persistent_workers: bool = False  # passed only when num_workers > 0
     drop_last: bool = False
-    multiprocessing_context: str = "auto"  # auto (fork where available) | fork | spawn | forkserver
+    multiprocessing_context: StartMethod = StartMethod.auto
     thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
 
 
@@ -138,13 +185,13 @@ class CNNConfig(ModelConfig):
 @dataclass
 class TrainerConfig:
     epochs: int = 5
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: Optimizer = Optimizer.adam
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     seed: int = 0
-    torch_threads: Any = "auto"  # auto (cores // parallel jobs, see pipeline/threads.py) | N >= 1
+    torch_threads: Any = "auto"  # auto (cores // parallel jobs: pipeline/training/threads.py) | N >= 1
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
     checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
     keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
@@ -155,34 +202,35 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = MISSING
+    # one SQLite store for the whole project (absolute path), unless MLFLOW_TRACKING_URI says otherwise
+    uri: str = '${oc.env:MLFLOW_TRACKING_URI,"sqlite:///${paths.outputs}/mlflow.db"}'
     experiment: str = "pipeline"
-    artifact_location: Optional[str] = None  # used only when a local store creates the experiment
+    artifact_location: Optional[str] = "${paths.outputs}/mlartifacts"  # when a local store creates it
     run_name: Optional[str] = None
     log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
 
 
 @dataclass
 class PathsConfig:
-    root: str = MISSING
-    outputs: str = MISSING
-    data_dir: str = MISSING
-    output_dir: str = MISSING
+    root: str = "${project_root:}"  # $PIPELINE_ROOT, else this checkout (pipeline/config/resolvers.py)
+    outputs: str = "${paths.root}/outputs"
+    data_dir: str = "${paths.outputs}/data"  # exports, shared by every run
+    output_dir: str = "${hydra:runtime.output_dir}"  # this run's folder
 
 
 @dataclass
 class Config:
-    source: Any = MISSING
-    storage: Any = MISSING
+    source: SourceConfig = MISSING
+    storage: StorageConfig = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: Any = MISSING
+    model: ModelConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
     verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
-    progress: str = "auto"  # progress bars: auto (interactive terminal only) | true | false
+    progress: str = "auto"  # progress bars: auto (interactive terminal, not CI/multirun) | true | false
 
 
 @dataclass
@@ -201,8 +249,8 @@ class BenchOptions:
 
 @dataclass
 class BenchConfig:
-    source: Any = MISSING
-    storage: Any = MISSING
+    source: SourceConfig = MISSING
+    storage: StorageConfig = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn")
+from pipeline.config.schema import MODEL_NAMES
 
 
 class _Input(nn.Module):
@@ -74,4 +74,4 @@ def build_model(cfg, spec) -> nn.Module:
         return MLP(spec.shape, spec.num_classes, list(cfg.hidden), cfg.dropout, spec.dtype)
     if cfg.name == "cnn":
         return CNN(spec.shape, spec.num_classes, list(cfg.channels), cfg.hidden, cfg.dropout, spec.dtype)
-    raise ValueError(f"Unknown model {cfg.name!r}; valid: {list(MODELS)}")
+    raise ValueError(f"Unknown model {cfg.name!r}; valid: {list(MODEL_NAMES)}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from pipeline.data.sources import SampleSpec, chunked
 
 
 class DigitsSource:
     def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
         data = load_digits()
         self.x = (data.images / 16.0).astype(np.float32)
         self.y = data.target.astype(np.int64)
