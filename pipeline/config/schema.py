@@ -32,6 +32,11 @@ class SampleDtype(Choice):
     uint8 = "uint8"
 
 
+class StoredDtype(Choice):
+    source = "source"  # store what the source yields (float32 for lfw and digits, uint8 for image folders)
+    uint8 = "uint8"  # 8-bit codes of 8-bit sources; the manifest's mapping gives back the exact values
+
+
 class ImageMode(Choice):
     L = "L"  # grey, samples of [H, W]
     RGB = "RGB"  # samples of [H, W, 3]
@@ -52,6 +57,12 @@ class StartMethod(Choice):
     fork = "fork"
     spawn = "spawn"
     forkserver = "forkserver"
+
+
+class TransformName(Choice):
+    none = "none"
+    flip_crop = "flip_crop"
+    normalize = "normalize"
 
 
 class Optimizer(Choice):
@@ -113,6 +124,7 @@ class ImageFolderConfig(SourceConfig):
 @dataclass
 class StorageConfig:
     name: str = MISSING
+    dtype: StoredDtype = StoredDtype.source  # uint8: 1 byte per value (docs/compact-samples.md)
 
 
 @dataclass
@@ -160,6 +172,16 @@ class LoaderConfig:
     drop_last: bool = False
     multiprocessing_context: StartMethod = StartMethod.auto
     thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
+
+
+@dataclass
+class TransformConfig:
+    """Train-time augmentation (batched, main process) and input normalisation (in the model)."""
+
+    name: TransformName = TransformName.none
+    flip: bool = False  # random horizontal flip, p = 0.5 per sample
+    crop_padding: int = 0  # random crop of the original size from the image zero-padded by this many pixels
+    normalize: bool = False  # (x - mean) / std per channel, mean and std measured on the train split
 
 
 @dataclass
@@ -224,6 +246,7 @@ class Config:
     storage: StorageConfig = MISSING
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
     model: ModelConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -275,6 +298,7 @@ def register_configs() -> None:
         ("storage", "base_ram", RamStorageConfig),
         ("split", "base_split", SplitConfig),
         ("loader", "base_loader", LoaderConfig),
+        ("transform", "base_transform", TransformConfig),
         ("model", "base_mlp", MLPConfig),
         ("model", "base_cnn", CNNConfig),
         ("trainer", "base_trainer", TrainerConfig),

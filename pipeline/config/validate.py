@@ -80,6 +80,19 @@ def validate(cfg: DictConfig) -> None:
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
         _positive_int(cfg, "source.download_retries", 0)
 
+    if OmegaConf.select(sto, "dtype", default="source") == "uint8":
+        from pipeline.data.quantize import NotEightBit, divisor_for
+
+        try:
+            divisor_for(src)
+        except NotEightBit as err:
+            raise ConfigError(
+                "storage.dtype",
+                "uint8",
+                f"{err}. 8-bit storage needs 8-bit values: source=lfw with source.color=true, "
+                "image_folder, digits, or synthetic with source.dtype=uint8; or keep storage.dtype=source",
+            ) from None
+
     if sto.name == "shards":
         _check(
             sto.shard_size_mb > 0,

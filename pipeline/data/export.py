@@ -19,6 +19,7 @@ folder is removed by the next build.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -34,6 +35,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from pipeline import fsio, progress
+from pipeline.data import quantize
 from pipeline.data.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
 from pipeline.data.sources import SampleSpec, build_source, source_identity
 from pipeline.data.storage import get_format
@@ -63,6 +65,7 @@ class Export:
             dtype=m["dtype"],
             num_classes=m["num_classes"],
             class_names=tuple(m["class_names"]),
+            divisor=m.get("values", {}).get("divisor"),  # uint8 storage's mapping (data/quantize.py)
         )
 
     @property
@@ -88,10 +91,13 @@ def write_options(storage_cfg) -> dict:
 
 
 def fingerprint(source_cfg, storage_cfg) -> str:
+    storage = write_options(storage_cfg)
+    if storage.get("dtype", "source") == "source":  # the stored dtype; the default keeps older names
+        storage.pop("dtype", None)
     payload = {
         "layout": LAYOUT_VERSION,
         "source": _plain(source_cfg),
-        "storage": write_options(storage_cfg),
+        "storage": storage,
     }
     identity = source_identity(source_cfg)  # e.g. an image folder's file listing
     if identity is not None:
@@ -225,6 +231,12 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
     t0 = time.perf_counter()
     source = build_source(source_cfg)
     spec = source.spec
+    divisor = None  # storage.dtype=uint8: 8-bit codes of the source's values (pipeline/data/quantize.py)
+    if str(storage_cfg.get("dtype", "source")) == "uint8":
+        divisor = quantize.divisor_for(source_cfg)
+        spec = dataclasses.replace(spec, dtype="uint8", divisor=divisor)
+    elif spec.dtype == "uint8":
+        divisor = quantize.DEFAULT_DIVISOR
     need, free = spec.num_samples * spec.sample_bytes, shutil.disk_usage(tmp.parent).free
     if need > free:  # a lower bound (formats add overhead): refuse before writing anything
         raise ExportError(
@@ -244,6 +256,8 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         tmp.parent / name,
     )
     for x, y in progress.samples(source.chunks(), spec.num_samples, "export"):
+        if spec.dtype == "uint8":
+            x = quantize.encode(x, divisor, first_id=done)  # refuses a value that would not round-trip
         x = np.ascontiguousarray(x, dtype=spec.dtype)
         if x.shape[1:] != spec.shape or len(x) != len(y):
             raise ExportError(
@@ -283,6 +297,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         "dtype": spec.dtype,
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
+        **({"values": quantize.mapping(divisor)} if divisor is not None else {}),
         "content_sha256": digest.hexdigest(),
         "files": files,
         "export_seconds": round(time.perf_counter() - t0, 3),

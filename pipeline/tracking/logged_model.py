@@ -11,10 +11,10 @@ default ``pt2`` export needs an input example and takes 8-14 s), so MLflow tools
 only does with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``, and which needs this project importable
 (the pickle refers to ``pipeline.training.models``).
 
-Beside it the folder holds ``state_dict.pt`` and ``pipeline_model.json`` (model config + sample
-spec): ``load_logged_model`` rebuilds the model with ``build_model`` and loads the weights with
-``torch.load(weights_only=True)`` -- no pickle. ``import mlflow.pytorch`` costs ~4 s, so it is
-imported here, lazily, only when a model is logged.
+Beside it the folder holds ``state_dict.pt`` and ``pipeline_model.json`` (model config, sample
+spec and the input normalisation's mean/std): ``load_logged_model`` rebuilds the model with
+``build_model`` and loads the weights with ``torch.load(weights_only=True)`` -- no pickle.
+``import mlflow.pytorch`` costs ~4 s, so it is imported here, lazily, only when a model is logged.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.data.sources import SampleSpec
-from pipeline.training.models import build_model
+from pipeline.training.models import build_model, input_stats
 
 ARTIFACT = "model"
 STATE = "state_dict.pt"
@@ -64,7 +64,11 @@ def log_final_model(tr, model: torch.nn.Module, model_cfg, spec: SampleSpec) -> 
         finally:
             quiet.setLevel(level)
         torch.save(model.state_dict(), path / STATE)
-        description = {"model": OmegaConf.to_container(model_cfg, resolve=True), "spec": asdict(spec)}
+        description = {
+            "model": OmegaConf.to_container(model_cfg, resolve=True),
+            "spec": asdict(spec),
+            "input_stats": input_stats(model),  # (mean, std) of transform.normalize, or null
+        }
         (path / DESCRIPTION).write_text(json.dumps(description, indent=1))
         tr.log_artifact(path, ARTIFACT)
     return f"runs:/{tr.run_id}/{ARTIFACT}"
@@ -81,6 +85,6 @@ def load_logged_model(tracking_uri: str, run_id: str) -> torch.nn.Module:
         state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     spec = description["spec"]
     spec = SampleSpec(**{**spec, "shape": tuple(spec["shape"]), "class_names": tuple(spec["class_names"])})
-    model = build_model(OmegaConf.create(description["model"]), spec)
+    model = build_model(OmegaConf.create(description["model"]), spec, description.get("input_stats"))
     model.load_state_dict(state)
     return model.eval()

@@ -38,6 +38,7 @@ class SampleSpec:
     dtype: str
     num_classes: int
     class_names: tuple[str, ...]
+    divisor: float | None = None  # uint8 samples stand for float32(k) / divisor (None: 255); see quantize
 
     @property
     def sample_bytes(self) -> int:

@@ -33,5 +33,11 @@ def count(cfg) -> int:
     return NUM_SAMPLES
 
 
+def uint8_divisor(cfg) -> float:
+    """The pixels are integers 0..16 divided by 16: 8-bit storage keeps the integers
+    (pipeline/data/quantize.py)."""
+    return 16.0
+
+
 def build(cfg) -> DigitsSource:
     return DigitsSource()

@@ -194,5 +194,10 @@ def identity(cfg) -> dict:
     return {"files": len(listing.entries), "sha256": digest.hexdigest()}
 
 
+def uint8_divisor(cfg) -> float:
+    """Samples are uint8 already; the models read them as k / 255 (pipeline/data/quantize.py)."""
+    return 255.0
+
+
 def build(cfg) -> ImageFolderSource:
     return ImageFolderSource(cfg)

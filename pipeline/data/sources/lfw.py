@@ -78,5 +78,17 @@ class LFWSource:
         return chunked(self.x, self.y)
 
 
+def uint8_divisor(cfg) -> float | str:
+    """8-bit storage (pipeline/data/quantize.py): colour faces are scikit-learn's ``uint8 / 255.0`` in
+    float32; grey faces average three such values (1,177 distinct levels), which 8 bits cannot hold."""
+    if cfg.color:
+        return 255.0
+    return (
+        "with source.color=false scikit-learn averages the three colour channels' k/255 values in "
+        "float32, giving 1,177 distinct grey levels that 8 bits cannot hold exactly; use "
+        "source.color=true"
+    )
+
+
 def build(cfg) -> LFWSource:
     return LFWSource(cfg)

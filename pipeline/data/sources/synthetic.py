@@ -45,6 +45,13 @@ def count(cfg) -> int:
     return int(cfg.num_samples)
 
 
+def uint8_divisor(cfg) -> float | str:
+    """8-bit storage (pipeline/data/quantize.py) of uint8 samples only; float samples are Gaussian."""
+    if str(cfg.dtype) == "uint8":
+        return 255.0
+    return f"source.dtype={cfg.dtype} draws Gaussian noise, not 8-bit values; use source.dtype=uint8"
+
+
 def build(cfg) -> SyntheticSource:
     return SyntheticSource(
         num_samples=cfg.num_samples,
