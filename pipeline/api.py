@@ -4,8 +4,8 @@
     cfg = api.compose_config(["source=digits", "trainer.epochs=3"])   # same overrides as the CLI
     exp = api.export_data(cfg)                       # exp.root, exp.spec, exp.labels, exp.dataset(ids)
     split = api.split_data(cfg, exp)                 # split.train, split.val (sample ids)
-    train_loader, val_loader = api.make_loaders(cfg, exp, split)
-    model = api.make_model(cfg, exp)
+    train_loader, val_loader = api.make_loaders(cfg, exp, split)   # train batches augmented (transform)
+    model = api.make_model(cfg, exp, split)          # split: for transform.normalize's train figures
     history = api.train(cfg, model, train_loader, val_loader)   # one metrics dict per epoch
     fig_paths = api.plot(cfg, exp, model, val_loader, history)  # PNGs in cfg.paths.output_dir/plots
 
@@ -70,18 +70,29 @@ def device(cfg: DictConfig) -> torch.device:
 def make_loaders(cfg: DictConfig, exp, split):
     """(train_loader, val_loader) over the export, as the job builds them."""
     from pipeline.training.loading import build_loader
+    from pipeline.training.transforms import FlipCrop
 
     dev, seed = device(cfg), cfg.trainer.seed
-    train = build_loader(exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=dev)
+    augment = FlipCrop.from_config(cfg.transform)
+    train = build_loader(
+        exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=dev, augment=augment
+    )
     val = build_loader(exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=dev)
     return train, val
 
 
-def make_model(cfg: DictConfig, exp):
+def make_model(cfg: DictConfig, exp, split=None):
+    """The model; with ``transform.normalize`` it normalises with the train split's figures (``split``)."""
     from pipeline.training.models import build_model
+    from pipeline.training.transforms import train_stats
 
+    stats = None
+    if cfg.transform.normalize:
+        if split is None:
+            raise ValueError("transform.normalize=true: pass the split, make_model(cfg, exp, split)")
+        stats = train_stats(exp.dataset(split.train, cfg.storage), exp.spec)
     torch.manual_seed(cfg.trainer.seed)
-    return build_model(cfg.model, exp.spec)
+    return build_model(cfg.model, exp.spec, stats)
 
 
 def train(cfg: DictConfig, model, train_loader, val_loader) -> list[dict]:

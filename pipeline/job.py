@@ -26,6 +26,7 @@ from pipeline.training.loading import build_loader
 from pipeline.training.models import build_model
 from pipeline.training.seeding import seed_everything
 from pipeline.training.threads import apply_torch_threads
+from pipeline.training.transforms import FlipCrop, train_stats
 from pipeline.training.train import build_optimizer, fit, resolve_device
 from pipeline.training.workers import worker_deaths_explained
 
@@ -55,15 +56,23 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
     rec.loading(device)
     seed = cfg.trainer.seed
     seed_everything(seed, cfg.trainer.deterministic)
+    train_set = exp.dataset(split.train, cfg.storage)
     train_loader = build_loader(
-        exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=device
+        train_set,
+        cfg.loader,
+        seed=seed,
+        train=True,
+        device=device,
+        augment=FlipCrop.from_config(cfg.transform),
     )
     val_loader = build_loader(
         exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device
     )
     rec.loaders_built()
 
-    model = build_model(cfg.model, exp.spec).to(device)
+    stats = train_stats(train_set, exp.spec) if cfg.transform.normalize else None
+    rec.transform(stats)
+    model = build_model(cfg.model, exp.spec, stats).to(device)
     optimizer = build_optimizer(model, cfg.trainer)
     start = resume.restore(model, optimizer, train_loader, val_loader) if resume else 0
     history = resume.history if resume else []

@@ -113,3 +113,27 @@ def test_same_config_gives_bitwise_identical_metrics_for_0_and_2_workers(tmp_pat
     ):
         assert tags["w0"][tag] not in ("", "not installed"), tag
     assert tags["w0"]["pipeline.output_dir"] == str(tmp_path / "w0")
+
+
+def test_flip_crop_metrics_are_bitwise_identical_for_0_and_2_workers_and_uint8_storage(tmp_path):
+    """transform=flip_crop (augmentation + normalisation): the same metrics, bit for bit, with 0 workers,
+    with thread prefetch, and with 2 workers on uint8 storage (one run for both: either difference
+    would show); the train figures are logged; without the transform training differs."""
+    common = ["trainer.epochs=2", "transform=flip_crop", "transform.crop_padding=2"]
+    runs = {
+        name: run_job(tmp_path, [*common, *overrides], name)
+        for name, overrides in [
+            ("w0", ["loader.num_workers=0"]),
+            ("thread", ["loader.thread_prefetch=2"]),
+            ("w2_uint8", ["loader.num_workers=2", "storage.dtype=uint8"]),
+        ]
+    }
+    h = {name: histories(tmp_path, run_id) for name, run_id in runs.items()}
+    assert all(len(v) == 2 for v in h["w0"].values())
+    assert h["w0"] == h["thread"] == h["w2_uint8"]
+    params = {name: client(tmp_path).get_run(run_id).data.params for name, run_id in runs.items()}
+    assert params["w0"]["transform.train_mean"] == params["w2_uint8"]["transform.train_mean"]
+    assert 0 < float(params["w0"]["transform.train_std"]) < 1
+    plain = run_job(tmp_path, ["trainer.epochs=2"], "no_transform")
+    assert histories(tmp_path, plain) != h["w0"]  # the transform does change training
+    assert "transform.train_mean" not in client(tmp_path).get_run(plain).data.params

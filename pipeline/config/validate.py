@@ -114,6 +114,8 @@ def validate(cfg: DictConfig) -> None:
         _check(len(src.extensions) >= 1, "source.extensions", list(src.extensions), "e.g. [.png, .jpg]")
         _positive_int(cfg, "source.chunk_size", 1)
 
+    _check_transform(cfg)
+
     _check(str(cfg.progress).lower() in TRISTATE, "progress", cfg.progress, f"one of {TRISTATE}")
 
     ratio = cfg.split.ratio
@@ -217,6 +219,22 @@ def check_sizes(cfg: DictConfig, n: int | None = None) -> None:
         f"with loader.drop_last=true it must be <= the {n_train} train samples "
         f"(split.ratio={ratio} of {n}), or no batch would ever be trained",
     )
+
+
+def _check_transform(cfg: DictConfig) -> None:
+    t = OmegaConf.select(cfg, "transform")
+    if t is None:
+        return
+    _positive_int(cfg, "transform.crop_padding", 0)
+    if (t.flip or t.crop_padding) and cfg.source.name == "synthetic":
+        shape = list(cfg.source.shape)
+        _check(
+            len(shape) in (2, 3),
+            "transform.name",
+            str(t.name),
+            f"flip and crop need images, [H, W] or [H, W, C]; source.shape={shape} is not one "
+            "(use transform=none or transform=normalize)",
+        )
 
 
 def _check_memory(trainer: DictConfig) -> None:

@@ -4,6 +4,7 @@
         rec.export(exp)                           # tags, params and artifacts of each stage ...
         rec.split(split)
         rec.loaders_built(device)
+        rec.transform((mean, std))                # transform.normalize: the train split's figures
         rec.epoch(epoch, metrics)                 # per-epoch metrics and memory series
         rec.finished(model, val_loader, device, spec)
 
@@ -127,6 +128,13 @@ class JobRecorder:
     def loading(self, device) -> None:
         """Before the datasets are built: storage=ram loads its data then, so sampling starts now."""
         self.memory.start(device)
+
+    def transform(self, stats) -> None:
+        """The train split's per-channel mean and std the model normalises with (transform.normalize)."""
+        if stats is not None:
+            mean, std = (",".join(repr(float(v)) for v in np_.reshape(-1)) for np_ in stats)
+            self.tr.log_params({"transform.train_mean": mean, "transform.train_std": std})
+            log.info("transform: train split mean %s, std %s", mean, std)
 
     def loaders_built(self) -> None:
         self.memory.sample()

@@ -14,8 +14,10 @@ DataLoader workers cannot use). A worker that dies: pipeline/training/workers.py
 A storage format's Dataset may offer two optional hooks, used when present: ``batch_sampler(
 batch_size, shuffle, drop_last, seed)`` returning a batch sampler (e.g. the shards block
 shuffle), and ``collate_fn`` (e.g. a pass-through when ``__getitems__`` returns whole batches).
-``loader.thread_prefetch > 0`` wraps the loader in pipeline.training.prefetch.ThreadPrefetcher (a background
-thread prepares that many batches ahead, in process). ``batching(loader)`` gives the batch size and
+``augment`` (train loaders only; pipeline.training.transforms) transforms each batch in this process,
+seeded per (seed, epoch, batch). ``loader.thread_prefetch > 0`` wraps the loader in
+pipeline.training.prefetch.ThreadPrefetcher (a background thread prepares that many batches ahead, in
+process, augmentation included). ``batching(loader)`` gives the batch size and
 drop_last whichever way the batches are made.
 """
 
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 from pipeline.training import distributed
 from pipeline.training.prefetch import ThreadPrefetcher
 from pipeline.training.seeding import EpochShuffle
+from pipeline.training.transforms import Augmented
 
 
 def seed_worker(worker_id: int) -> None:
@@ -97,7 +100,7 @@ class BatchedLoader(DataLoader):
             yield pinned(batch) if pin else batch
 
 
-def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
+def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device, augment=None):
     generator = torch.Generator()
     generator.manual_seed(int(seed) + (0 if train else 1))
     shuffle = bool(cfg.shuffle) if train else False
@@ -125,6 +128,8 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device):
         )
     kwargs = distributed.shard(kwargs, dataset, seed)  # under torchrun: this rank's share
     loader = BatchedLoader(dataset, **kwargs)
+    if augment is not None and train:  # batched, in this process (inside the prefetch thread if any)
+        loader = Augmented(loader, augment, seed, distributed.rank())
     if getattr(cfg, "thread_prefetch", 0) > 0:  # hand-made loader configs may lack it
         return ThreadPrefetcher(loader, cfg.thread_prefetch)
     return loader

@@ -83,6 +83,10 @@ def find_epoch_sampler(loader):
 
 def set_epoch(loader, epoch: int) -> None:
     """Make the loader's next pass the one of epoch ``epoch`` (no-op for an unshuffled loader)."""
+    own = getattr(loader, "set_epoch", None)  # a wrapper with an epoch of its own (transforms.Augmented)
+    if callable(own):
+        own(epoch)
+        return
     sampler = find_epoch_sampler(loader)
     if sampler is not None:
         sampler.set_epoch(epoch)

@@ -1,0 +1,135 @@
+"""The ``transform`` group: batched train-time augmentation, and the train split's normalisation figures.
+
+    pipeline transform=flip_crop                   # flip + crop (padding 4) + normalise
+    from pipeline.training.transforms import FlipCrop, train_stats
+    augment = FlipCrop.from_config(cfg.transform)  # None when the config augments nothing
+    loader = build_loader(ds, cfg.loader, seed=s, train=True, device=dev, augment=augment)
+    mean, std = train_stats(train_ds, exp.spec)    # per channel, of the values the model sees
+    model = build_model(cfg.model, exp.spec, stats=(mean, std))
+
+Augmentation (train batches only): a random horizontal flip (p = 0.5 per sample) and a random crop
+of the original size from the sample zero-padded by ``crop_padding`` pixels, on the whole batch at
+once -- one zero-padded copy and one gather, whatever the batch size, on the stored dtype (uint8 stays
+uint8; padding with 0 is code 0, value 0). The random draws of batch b of epoch e come from a
+generator seeded with ``derive_seed(trainer.seed, "augment", e, b, rank)``, so a batch is
+augmented the same way with 0 or N DataLoader workers, with or without thread prefetch, and after a
+resume. It runs in the main process, after the DataLoader (``Augmented`` wraps it; with
+``loader.thread_prefetch`` inside the prefetch thread, so it overlaps the model's step): it costs
+~1 us a sample (docs/compact-samples.md), less than moving the batch between processes would.
+
+Normalisation is not done here but in the model's first layer (pipeline/training/models.py), so that
+validation, plots and the logged model see it too; ``train_stats`` measures its mean and std per
+channel (the last axis of [H, W, C] samples, one figure otherwise) over the train split, in one
+sequential pass over the decoded values, accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.training.seeding import derive_seed, set_epoch
+
+STATS_CHUNK = 4096  # samples read per step while measuring the train split
+
+
+def flip_crop(x: torch.Tensor, flip: torch.Tensor, top: torch.Tensor, left: torch.Tensor, padding: int):
+    """Batch ``x`` [B, H, W] or [B, H, W, C]: sample i mirrored left-right where ``flip[i]``, then the
+    H x W window at (``top[i]``, ``left[i]``) of it zero-padded by ``padding`` (offsets in 0..2*padding)."""
+    b, h, w = x.shape[:3]
+    if padding:
+        padded = x.new_zeros((b, h + 2 * padding, w + 2 * padding, *x.shape[3:]))
+        padded[:, padding : padding + h, padding : padding + w] = x
+    else:
+        padded = x
+    rows = top[:, None] + torch.arange(h)  # [B, H]
+    cols = left[:, None] + torch.arange(w)  # [B, W]
+    cols = torch.where(flip[:, None], padded.shape[2] - 1 - cols, cols)  # mirror of the padded image
+    return padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class FlipCrop:
+    """Random flip and padded crop of whole batches, the draws a function of the generator only."""
+
+    def __init__(self, flip: bool, padding: int) -> None:
+        self.flip, self.padding = bool(flip), int(padding)
+
+    @classmethod
+    def from_config(cls, cfg) -> "FlipCrop | None":
+        if cfg is None or (not cfg.flip and not cfg.crop_padding):
+            return None
+        return cls(cfg.flip, cfg.crop_padding)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if x.dim() not in (3, 4):
+            raise ValueError(f"flip/crop needs image batches [B, H, W] or [B, H, W, C], got {list(x.shape)}")
+        b = x.shape[0]
+        flip = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
+        top, left = torch.randint(0, 2 * self.padding + 1, (2, b), generator=generator)
+        return flip_crop(x, flip, top, left, self.padding)
+
+
+class Augmented:
+    """A train loader whose batches pass through ``augment(x, generator)``; batch b of epoch e draws
+    from ``derive_seed(seed, "augment", e, b, rank)``. The epoch advances each time an iteration
+    starts; ``set_epoch`` moves it (and the wrapped loader's shuffle). Other attributes are the
+    wrapped loader's."""
+
+    def __init__(self, loader, augment, seed: int, rank: int = 0) -> None:
+        self.loader, self.augment, self.seed, self.rank = loader, augment, int(seed), int(rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        set_epoch(self.loader, epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for b, (x, y) in enumerate(self.loader):
+            g = torch.Generator()
+            g.manual_seed(derive_seed(self.seed, "augment", epoch, b, self.rank))
+            yield self.augment(x, g), y
+
+
+def _batches(dataset, chunk: int):
+    """The dataset's samples in position order, ``chunk`` at a time (one batched read where offered)."""
+    getitems = getattr(dataset, "__getitems__", None)
+    for start in range(0, len(dataset), chunk):
+        idx = list(range(start, min(start + chunk, len(dataset))))
+        if getitems is not None:
+            x = getitems(idx)[0]
+        else:
+            x = torch.stack([dataset[i][0] for i in idx])
+        yield torch.as_tensor(x)
+
+
+def train_stats(dataset, spec, chunk: int = STATS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per channel (float32) of the values the model sees (uint8 codes decoded by the
+    model's own input layer) over every sample of ``dataset``; std 0 (a constant channel) becomes 1."""
+    from pipeline.training.models import Input
+
+    decode = Input(spec.dtype, getattr(spec, "divisor", None))
+    channels = spec.shape[-1] if len(spec.shape) == 3 else 1
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    n = 0
+    with torch.no_grad():
+        for x in _batches(dataset, chunk):
+            v = decode(x).numpy().reshape(-1, channels).astype(np.float64)
+            total += v.sum(axis=0)
+            squares += (v * v).sum(axis=0)
+            n += len(v)
+    if n == 0:
+        raise ValueError("transform.normalize needs a non-empty train split")
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    std[std == 0] = 1.0
+    if channels == 1:  # one figure for grey images and flat samples: broadcasts over any shape
+        mean, std = mean[0], std[0]
+    return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
