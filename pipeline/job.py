@@ -26,8 +26,8 @@ from pipeline.training.loading import build_loader
 from pipeline.training.models import build_model
 from pipeline.training.seeding import seed_everything
 from pipeline.training.threads import apply_torch_threads
-from pipeline.training.transforms import FlipCrop, train_stats
 from pipeline.training.train import build_optimizer, fit, resolve_device
+from pipeline.training.transforms import FlipCrop, train_stats
 from pipeline.training.workers import worker_deaths_explained
 
 
