@@ -115,7 +115,8 @@ def main(argv=None) -> None:
         alone = n / (time.perf_counter() - t0)
     shape = "x".join(map(str, a.shape))
     print(
-        f"{a.num_samples} samples of {shape} {a.dtype}, memmap, batch {a.batch_size}, flip + crop (padding {a.padding})"
+        f"{a.num_samples} samples of {shape} {a.dtype}, memmap, batch {a.batch_size}, "
+        f"flip + crop (padding {a.padding})"
     )
     print(f"{'augment':8s} {'workers':>7s} {'prefetch':>8s} {'samples/s':>10s} {'vs none':>8s}")
     base = {(w, p): s for where, w, p, s in rows if where == "none"}
