@@ -43,8 +43,8 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     with open(run_dir / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     for col in (
-        "storage,num_workers,batch_size,prefetch,samples_per_s,mb_per_s,peak_used_mb,ratio_vs_pt,"
-        "ratio_vs_ram,first_batch_ms,peak_mapped_file_mb,shuffle_quality"
+        "storage,num_workers,batch_size,prefetch,samples_per_s,mb_per_s,bytes_per_sample,peak_used_mb,"
+        "ratio_vs_pt,ratio_vs_ram,first_batch_ms,peak_mapped_file_mb,shuffle_quality"
     ).split(","):
         assert col in rows[0], col
     points = {(r["storage"], r["num_workers"], r["prefetch"]) for r in rows}
@@ -56,6 +56,9 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     assert float(by["numpy_ram", "0", "0"]["ratio_vs_ram"]) == 1.0
     assert all(float(r["samples_per_s"]) > 0 and float(r["peak_used_mb"]) > 0 for r in rows)
     assert float(by["shards", "0", "0"]["shuffle_quality"]) < 1.5
+    on_disk = {name: float(by[name, "0", "0"]["bytes_per_sample"]) for name in ("shards", "pt", "numpy_ram")}
+    assert on_disk["numpy_ram"] == 6 * 5 * 4  # float32 samples of 6x5
+    assert 120 < on_disk["shards"] < 130 < 500 < on_disk["pt"]  # .npy headers and an index; a file each
     png = (run_dir / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "samples/s" in proc.stderr + proc.stdout

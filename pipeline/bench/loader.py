@@ -16,7 +16,8 @@ of that gather, and ``ratio_vs_ram`` divides by the paired passes' median, so a 
 shared machine moves both sides of the ratio.
 
 Output, in the run dir and in an MLflow run: ``results.csv`` (one row per point: samples/s, MB/s,
-peak ``memory/used_mb`` and mapped file MB from pipeline.system.memory, first-batch latency, shuffle
+``bytes_per_sample`` (the export's data files over its samples: bytes on disk per sample), peak
+``memory/used_mb`` and mapped file MB from pipeline.system.memory, first-batch latency, shuffle
 quality, the export's build time, ratios to both baselines) and ``results.png``.
 """
 
@@ -61,6 +62,7 @@ COLUMNS = [
     "prefetch",
     "samples_per_s",
     "mb_per_s",
+    "bytes_per_sample",
     "peak_used_mb",
     "peak_mapped_file_mb",
     "first_batch_ms",
@@ -195,6 +197,7 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
             tr.log_metrics({f"export_seconds.{name}": exp.manifest["export_seconds"]})
         split = partition(exp.labels, cfg.split)
         sample_bytes = exp.spec.sample_bytes
+        on_disk = data_bytes_per_sample(exp)
         if x is None:
             x, y = ram_train_set(cfg.source, split.train)
             held_mb = (x.nbytes + y.nbytes) / MB
@@ -212,10 +215,12 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
             row.update(measure(loader, rams[batch_size], b, held_mb))
             row["shuffle_quality"] = shuffle_quality(epoch_order(loader, b.seed))
             row["export_seconds"] = exp.manifest["export_seconds"]
+            row["bytes_per_sample"] = on_disk
             rows.append(row)
             log.info("bench: %s", _describe(row))
     for batch_size, ram in rams.items():
         row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0}
+        row["bytes_per_sample"] = x[0].nbytes  # in memory, not on disk
         row.update(measure(ram, None, b), shuffle_quality=shuffle_quality(epoch_order(ram, b.seed)))
         rows.append(row)
         log.info("bench: %s", _describe(row))
@@ -223,6 +228,14 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
         row["mb_per_s"] = row["samples_per_s"] * sample_bytes / 1e6
         row["ratio_vs_pt"] = row["samples_per_s"] / _find(rows, "pt", row["batch_size"])["samples_per_s"]
     return rows
+
+
+def data_bytes_per_sample(exp) -> float:
+    """The export's files (labels.npy left out) over its samples: what one sample costs on disk."""
+    from pipeline.data.export import LABELS
+
+    data = exp.manifest["files"]["bytes"] - (exp.root / LABELS).stat().st_size
+    return data / max(len(exp.labels), 1)
 
 
 def _find(rows: list[dict], storage: str, batch_size: int) -> dict:
@@ -262,6 +275,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 TABLE = [  # header, width, format
     ("samples/s", 11, "{samples_per_s:,.0f}"),
     ("MB/s", 7, "{mb_per_s:,.0f}"),
+    ("B/sample", 8, "{bytes_per_sample:,.0f}"),
     ("vs pt", 8, "{ratio_vs_pt:.1f}x"),
     ("vs RAM", 7, "{ratio_vs_ram:.2f}x"),
     ("used MB", 8, "{peak_used_mb:.0f}"),
