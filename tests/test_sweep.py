@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking.sweep_report import CSV_NAME, MD_NAME, MEMORY_PNG, THROUGHPUT_PNG
+from pipeline.tracking.sweep_report import CSV_NAME, MD_NAME, MEMORY_PNG, THROUGHPUT_PNG, WORKERS_PNG
 from tests.conftest import run_cli, sqlite_uri
 
 TINY = ["trainer.epochs=1", "model.hidden=[16]"]
@@ -51,7 +51,13 @@ def _check_report(root: Path, proc, n_children: int) -> tuple:
     assert len(children) == n_children
     assert parent.info.status == "FINISHED"
     assert {c.info.status for c in children} == {"FINISHED"}
-    assert _artifacts(root, parent.info.run_id, "report") == {CSV_NAME, MD_NAME, THROUGHPUT_PNG, MEMORY_PNG}
+    assert _artifacts(root, parent.info.run_id, "report") == {
+        CSV_NAME,
+        MD_NAME,
+        THROUGHPUT_PNG,
+        WORKERS_PNG,
+        MEMORY_PNG,
+    }
 
     report_dir = _sweep_dir(root) / "report"
     for png in (THROUGHPUT_PNG, MEMORY_PNG):

@@ -15,6 +15,7 @@ from pipeline.tracking.sweep_report import (
     MD_NAME,
     MEMORY_PNG,
     THROUGHPUT_PNG,
+    WORKERS_PNG,
     Row,
     lower_is_better,
     make_report,
@@ -85,13 +86,32 @@ def test_report_without_a_finished_run_names_no_best():
 def test_write_report_files(tmp_path):
     report = make_report("parent", _rows(), "perf/train_samples_per_s")
     paths = write_report(report, tmp_path)
-    assert {p.name for p in paths} == {CSV_NAME, MD_NAME, THROUGHPUT_PNG, MEMORY_PNG}
+    assert {p.name for p in paths} == {CSV_NAME, MD_NAME, THROUGHPUT_PNG, WORKERS_PNG, MEMORY_PNG}
     rows = list(csv.DictReader(open(tmp_path / CSV_NAME)))
     assert [r["run_id"] for r in rows] == ["b", "c", "a", "d"]
     assert float(rows[0]["perf/train_samples_per_s"]) == 3000.0
     assert not math.isnan(float(rows[2]["memory/peak_used_mb"]))
-    for png in (THROUGHPUT_PNG, MEMORY_PNG):
+    for png in (THROUGHPUT_PNG, WORKERS_PNG, MEMORY_PNG):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_worker_scaling_table_per_storage_and_batch_size():
+    rows = [
+        _row("a", "64", "0", "memmap", 1000.0),
+        _row("b", "64", "2", "memmap", 500.0),
+        _row("c", "64", "0", "encoded", 100.0),
+        _row("d", "64", "2", "encoded", 180.0),
+        _row("e", "64", "2", "encoded", 200.0),  # a repeat: averaged
+        _row("f", "64", "4", "encoded", 9999.0, status="FAILED"),  # left out
+        _row("g", "32", "2", "encoded", 50.0),  # no 0-worker run: no ratio
+    ]
+    lines = make_report("p", rows, "perf/train_samples_per_s").worker_scaling()
+    assert lines[2] == "| storage | batch size | 0 workers | 2 workers |"
+    assert "| encoded | 32 |  | 50 |" in lines
+    assert "| encoded | 64 | 100 | 190 (1.90x) |" in lines
+    assert "| memmap | 64 | 1,000 | 500 (0.50x) |" in lines
+    assert make_report("p", rows[:1], "val/accuracy").worker_scaling() == []  # one worker count: no table
+    assert "by DataLoader workers" in make_report("p", rows, "val/accuracy").markdown()
 
 
 def test_auto_threads_split_cores_between_parallel_jobs():

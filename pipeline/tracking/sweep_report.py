@@ -12,8 +12,11 @@ table.
 
 One row per child run: the overrides that differ between children, then its final-epoch
 ``perf/train_samples_per_s``, ``perf/epoch_seconds``, ``perf/data_wait_fraction``, ``val/accuracy``
-and ``memory/peak_used_mb``. Rows are sorted best first by ``rank_by`` (metrics that measure time,
-loss, waiting or memory rank lowest first; others highest first).
+and ``memory/peak_used_mb``. When the sweep ran several ``loader.num_workers``, a second table gives
+train samples/s per storage format (``<name> uint8`` for ``storage.dtype=uint8``) and batch size
+against the worker count, with the speed-up over 0 workers, and ``throughput_vs_workers.png`` plots
+it. Rows are sorted best first by ``rank_by`` (metrics that measure time, loss, waiting or memory
+rank lowest first; others highest first).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ AXES = {"batch_size": "loader.batch_size", "num_workers": "loader.num_workers", 
 LOWER_IS_BETTER = ("seconds", "loss", "wait", "memory/", "_mb")
 CSV_NAME, MD_NAME = "sweep_report.csv", "sweep_report.md"
 THROUGHPUT_PNG, MEMORY_PNG = "throughput_vs_batch_size.png", "peak_memory_vs_workers.png"
+WORKERS_PNG = "throughput_vs_workers.png"
+THROUGHPUT = "perf/train_samples_per_s"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -92,12 +97,43 @@ class Report:
             out.append(cells)
         return out
 
+    def worker_scaling(self) -> list[str]:
+        """A markdown table of train samples/s per storage and batch size (rows) and num_workers
+        (columns), each against 0 workers; nothing unless the sweep ran more than one worker count."""
+        cells: dict = defaultdict(lambda: defaultdict(list))
+        for r in self.rows:
+            v, w = r.value(THROUGHPUT), _num(r.axes.get("num_workers", ""))
+            if r.status == "FINISHED" and not math.isnan(v) and not math.isnan(w):
+                cells[(r.axes.get("storage", ""), r.axes.get("batch_size", ""))][int(w)].append(v)
+        workers = sorted({w for by_w in cells.values() for w in by_w})
+        if len(workers) < 2:
+            return []
+        lines = [
+            "Train samples/s by DataLoader workers (mean of the runs at a point; x: against 0 workers):",
+            "",
+            "| storage | batch size | " + " | ".join(f"{w} workers" for w in workers) + " |",
+            "|" + "---|" * (2 + len(workers)),
+        ]
+        for (storage, bs), by_w in sorted(cells.items(), key=lambda kv: (kv[0][0], _num(kv[0][1]))):
+            mean = {w: sum(v) / len(v) for w, v in by_w.items()}
+            base = mean.get(0)
+            row = []
+            for w in workers:
+                if w not in mean:
+                    row.append("")
+                elif base and w != 0:
+                    row.append(f"{mean[w]:,.0f} ({mean[w] / base:.2f}x)")
+                else:
+                    row.append(f"{mean[w]:,.0f}")
+            lines.append(f"| {storage} | {bs} | " + " | ".join(row) + " |")
+        return [*lines, ""]
+
     def markdown(self) -> str:
         head = self.header()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in self.records()]
         best = self.best
-        lines.append("")
+        lines += ["", *self.worker_scaling()]
         if best is None:
             lines.append(f"No finished child run has {self.rank_by}.")
         else:
@@ -142,11 +178,18 @@ def build_report(uri: str, parent_run_id: str, rank_by: str = "perf/train_sample
                 run_name=run.info.run_name or run.info.run_id[:8],
                 status=run.info.status,
                 overrides=parse_overrides(tags.get("hydra.overrides", "")),
-                axes={axis: params.get(key, "") for axis, key in AXES.items()},
+                axes=_axes(params),
                 metrics={k: float(v) for k, v in run.data.metrics.items()},
             )
         )
     return make_report(parent_run_id, rows, rank_by)
+
+
+def _axes(params: dict) -> dict:
+    axes = {axis: params.get(key, "") for axis, key in AXES.items()}
+    if params.get("storage.dtype") == "uint8":  # 8-bit storage is another format as far as speed goes
+        axes["storage"] += " uint8"
+    return axes
 
 
 def make_report(parent_run_id: str, rows: list[Row], rank_by: str) -> Report:
@@ -233,6 +276,15 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     )
     _plot(
         report,
+        out / WORKERS_PNG,
+        x="num_workers",
+        line="batch_size",
+        panel="storage",
+        metric=THROUGHPUT,
+        title="Train throughput vs DataLoader workers",
+    )
+    _plot(
+        report,
         out / MEMORY_PNG,
         x="num_workers",
         line="batch_size",
@@ -240,7 +292,7 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
         metric="memory/peak_used_mb",
         title="Peak memory (PSS anon + shmem) vs DataLoader workers",
     )
-    return [out / CSV_NAME, out / MD_NAME, out / THROUGHPUT_PNG, out / MEMORY_PNG]
+    return [out / CSV_NAME, out / MD_NAME, out / THROUGHPUT_PNG, out / WORKERS_PNG, out / MEMORY_PNG]
 
 
 def publish_report(uri: str, parent_run_id: str, out_dir: str | Path, rank_by: str) -> Report:
