@@ -58,6 +58,12 @@ def test_seed_lfw_experiment_matches_the_blog_post(tmp_path):
         True,
         5,
     )
+    # float storage, no augmentation, no normalisation; and the export keeps its pre-uint8 name
+    assert (cfg.storage.dtype, cfg.transform.name, cfg.transform.normalize) == ("source", "none", False)
+    from pipeline.data.export import fingerprint
+
+    storage = {k: v for k, v in cfg.storage.items() if k != "dtype"}
+    assert fingerprint(cfg.source, cfg.storage) == fingerprint(cfg.source, storage)
 
 
 @pytest.mark.parametrize(
