@@ -13,7 +13,10 @@ from omegaconf.errors import ValidationError
 from pipeline.config.validate import ConfigError, validate
 from tests.conftest import CONF_DIR, compose_cfg, run_cli, run_command
 
-GROUPS = ["source", "storage", "split", "loader", "transform", "model", "trainer", "tracking", "paths", "experiment"]
+GROUPS = [
+    *("source", "storage", "split", "loader", "transform", "model", "trainer", "tracking", "paths"),
+    "experiment",
+]
 
 
 # options with a required key: the extra overrides they need to validate ({root} = the test's tmp_path)

@@ -5,8 +5,10 @@
 
 Samples are crops of real photos (pipeline/bench/photos.py). Each codec (PNG, lossless WebP, WebP and
 JPEG at ``--quality``) encodes them once with pipeline/data/codec.py; then every decoder decodes them,
-one sample per call in one thread (as a DataLoader worker does), for at least ``--seconds``:
-samples/s is the median over 3 such runs. Decoders: codec.py's own path with each of its decoders
+one sample per call in one thread (as a DataLoader worker does), for ``--seconds`` in all: 5
+rounds, the decoders taking turns within each round (so that a change in the machine's load hits
+them alike); samples/s is the median over the rounds, ``vs Pillow`` its ratio to codec.py's Pillow
+path measured in the same rounds. Decoders: codec.py's own path with each of its decoders
 (imagecodecs, Pillow), then -- called directly, where installed -- imagecodecs' libspng, simplejpeg,
 opencv-python-headless, pyspng and pyvips. Each decode is checked against the original (lossless
 codecs: equal; JPEG: the PSNR, and whether the decoder agrees with Pillow's pixels). Bytes per sample
@@ -22,6 +24,8 @@ import time
 import numpy as np
 
 from pipeline.data import codec as codec_mod
+
+ROUNDS = 5
 
 
 def _module(decoder: str) -> dict:
@@ -127,26 +131,28 @@ def bench(shape: tuple[int, ...], n: int, seconds: float, quality: int) -> list[
         pillow = codec_mod.Codec(name, q, decoder="pillow")
         ref = [pillow.decode(b, shape) for b in blobs]
         size = float(np.mean([len(b) for b in blobs]))
-        for dec, table in decs.items():
-            if name not in table:
-                continue
-            fn = fitted(table[name])
+        fns = {dec: fitted(table[name]) for dec, table in decs.items() if name in table}
+        runs: dict = {dec: [] for dec in fns}
+        for _ in range(ROUNDS):  # decoders in turn, so that the machine's load hits them alike
+            for dec, fn in fns.items():
+                runs[dec].append(rate(fn, blobs, shape, seconds / ROUNDS))
+        pillow_rate = statistics.median(runs["codec.py:pillow"])
+        for dec, fn in fns.items():
             got = [np.asarray(fn(b, shape)).reshape(shape) for b in blobs[:200]]
-            exact = all(np.array_equal(g, o) for g, o in zip(got, x))
-            same_as_pillow = all(np.array_equal(g, r) for g, r in zip(got, ref))
-            runs = [rate(fn, blobs, shape, seconds / 3) for _ in range(3)]
+            sps = statistics.median(runs[dec])
             rows.append(
                 {
                     "shape": "x".join(map(str, shape)),
                     "codec": c.describe(),
                     "decoder": dec,
-                    "samples_per_s": statistics.median(runs),
+                    "samples_per_s": sps,
+                    "vs_pillow": sps / pillow_rate,
                     "bytes": size,
                     "vs_uint8": size / raw,
                     "vs_float32": size / (4 * raw),
                     "psnr_db": min(psnr(g, o) for g, o in zip(got, x)),
-                    "exact": exact,
-                    "same_as_pillow": same_as_pillow,
+                    "exact": all(np.array_equal(g, o) for g, o in zip(got, x)),
+                    "same_as_pillow": all(np.array_equal(g, r) for g, r in zip(got, ref)),
                 }
             )
     return rows
@@ -154,13 +160,14 @@ def bench(shape: tuple[int, ...], n: int, seconds: float, quality: int) -> list[
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'sample':10s} {'codec':16s} {'decoder':17s} {'samples/s':>10s} {'bytes':>7s} "
+        f"{'sample':10s} {'codec':14s} {'decoder':22s} {'samples/s':>10s} {'vs Pillow':>9s} {'bytes':>7s} "
         f"{'/uint8':>7s} {'/float32':>8s} {'min PSNR':>9s} {'exact':>6s} {'=Pillow':>7s}"
     )
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['shape']:10s} {r['codec']:16s} {r['decoder']:17s} {r['samples_per_s']:>10,.0f} "
+            f"{r['shape']:10s} {r['codec']:14s} {r['decoder']:22s} {r['samples_per_s']:>10,.0f} "
+            f"{r['vs_pillow']:>8.2f}x "
             f"{r['bytes']:>7,.0f} {r['vs_uint8']:>7.2f} {r['vs_float32']:>8.3f} {r['psnr_db']:>9.1f} "
             f"{str(r['exact']):>6s} {str(r['same_as_pillow']):>7s}"
         )
@@ -171,7 +178,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["62x47", "64x64x3"], help="HxW (grey) or HxWx3 (RGB)")
     ap.add_argument("--num-samples", type=int, default=1000)
-    ap.add_argument("--seconds", type=float, default=1.5, help="per decoder and codec (3 runs)")
+    ap.add_argument("--seconds", type=float, default=2.5, help="per decoder and codec (5 rounds)")
     ap.add_argument("--quality", type=int, default=90, help="quality of the lossy codecs")
     a = ap.parse_args(argv)
     rows = []
