@@ -78,6 +78,8 @@ def test_decode_into_a_batch_row_and_describe():
     c = Codec("webp")
     c.decode_into(c.encode(img), batch[1])
     assert np.array_equal(batch[1], img) and not batch[0].any() and not batch[2].any()
+    imgs = _photo_crops("RGB", 32)[:5]
+    assert np.array_equal(c.decode_batch([c.encode(i) for i in imgs], imgs.shape[1:]), imgs)
     assert (c.describe(), Codec("webp", 80).describe(), Codec("png").describe()) == (
         "webp lossless",
         "webp q80",

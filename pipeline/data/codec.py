@@ -6,6 +6,7 @@
     blob = c.encode(img)                   # img: uint8 [H, W] (grey) or [H, W, 3] (RGB) -> bytes
     img = c.decode(blob, (H, W))           # uint8 array of that shape; CodecError if the blob is not one
     c.decode_into(blob, out[i])            # into a preallocated uint8 view (a batch array's row)
+    x = c.decode_batch(blobs, (H, W))      # uint8 [len(blobs), H, W]: a batch, one decode per blob
     c.lossless, c.describe(), c.decoder    # True/False, "webp q80", "imagecodecs 2026.3.6"
     Codec("jpeg", 90, decoder="pillow")    # the reference decoder instead
     problem("jpeg", None)                  # the config check: a message, or None when valid
@@ -92,6 +93,13 @@ class Codec:
     def decode(self, blob: bytes, shape) -> np.ndarray:
         out = np.empty(tuple(shape), dtype=np.uint8)
         self.decode_into(blob, out)
+        return out
+
+    def decode_batch(self, blobs, shape) -> np.ndarray:
+        """The blobs decoded into one uint8 array [len(blobs), *shape] (what ``__getitems__`` returns)."""
+        out = np.empty((len(blobs), *shape), dtype=np.uint8)
+        for i, blob in enumerate(blobs):
+            self.decode_into(blob, out[i])
         return out
 
     def decode_into(self, blob: bytes, out: np.ndarray) -> None:
