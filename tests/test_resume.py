@@ -149,8 +149,11 @@ def test_bad_checkpoint_settings_are_refused_by_validate(tmp_path, override, key
 @pytest.mark.parametrize("storage", ["memmap", "shards"])
 def test_resume_replays_the_batch_samplers_of_the_fast_formats(tmp_path, storage):
     """The formats' own batch samplers are epoch-indexed too: resuming at epoch 1 gives epochs 2-3 of a
-    straight run, and the shuffle differs from epoch to epoch."""
+    straight run, and the shuffle differs from epoch to epoch. memmap runs with transform=flip_crop: the
+    augmentation's draws (per epoch and batch) and the normalisation figures are replayed too."""
     fmt = [f"storage={storage}", "storage.shard_size_mb=1"] if storage == "shards" else [f"storage={storage}"]
+    if storage == "memmap":
+        fmt.append("transform=flip_crop")
     full = run_job(tmp_path, [*fmt, "trainer.epochs=3"], "full")
     part = run_job(tmp_path, [*fmt, "trainer.epochs=1"], "part")
     client(tmp_path).update_run(part, status="RUNNING")
