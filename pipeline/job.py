@@ -18,6 +18,7 @@ from pipeline import progress
 from pipeline.config.validate import check_sizes, validate
 from pipeline.data.export import export
 from pipeline.data.partition import partition
+from pipeline.data.storage import get_format
 from pipeline.runs.checkpoint import DIRNAME, CheckpointDir
 from pipeline.runs.resume import open_resume, snapshot
 from pipeline.tracking.recorder import JobRecorder
@@ -50,6 +51,9 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
     rec.export(exp)
     check_sizes(cfg, len(exp.labels))  # sources that learn their size only by exporting (lfw)
     split = partition(exp.labels, cfg.split)
+    check_fits = getattr(get_format(cfg.storage.name), "check_fits", None)  # formats that load into memory
+    if check_fits is not None:  # fail here, naming the sizes, rather than in the kernel's OOM killer
+        check_fits(exp.spec, len(split.train) + len(split.val))
     rec.split(exp, split)
 
     rec.threads(apply_torch_threads(cfg.trainer.torch_threads))
@@ -98,6 +102,7 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
             optimizer=optimizer,
             start_epoch=start,
             samples_seen=resume.samples_seen if resume else 0,
+            sample_bytes=exp.spec.sample_bytes,
         )
     rec.finished(model, val_loader, device, exp.spec)
     return final

@@ -44,7 +44,8 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
         rows = list(csv.DictReader(fh))
     for col in (
         "storage,num_workers,batch_size,prefetch,samples_per_s,mb_per_s,bytes_per_sample,peak_used_mb,"
-        "ratio_vs_pt,ratio_vs_ram,first_batch_ms,peak_mapped_file_mb,shuffle_quality"
+        "ratio_vs_pt,ratio_vs_ram,first_batch_ms,peak_mapped_file_mb,shuffle_quality,cache,memory_limit_mb,"
+        "disk_read_mb,read_amplification,ratio_vs_disk,disk_mb_per_s,cgroup_peak_mb"
     ).split(","):
         assert col in rows[0], col
     points = {(r["storage"], r["num_workers"], r["prefetch"]) for r in rows}
@@ -59,6 +60,13 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     on_disk = {name: float(by[name, "0", "0"]["bytes_per_sample"]) for name in ("shards", "pt", "numpy_ram")}
     assert on_disk["numpy_ram"] == 6 * 5 * 4  # float32 samples of 6x5
     assert 120 < on_disk["shards"] < 130 < 500 < on_disk["pt"]  # .npy headers and an index; a file each
+    assert {r["cache"] for r in rows} == {"warm"} and {r["memory_limit_mb"] for r in rows} == {""}
+    assert len({r["disk_mb_per_s"] for r in rows}) == 1 and float(rows[0]["disk_mb_per_s"]) > 0
+    for r in rows:  # samples/s over the disk's sequential bandwidth in samples/s of the format's bytes
+        disk_sps = float(r["disk_mb_per_s"]) * 1e6 / float(r["bytes_per_sample"])
+        assert float(r["ratio_vs_disk"]) == pytest.approx(
+            float(r["samples_per_s"]) / disk_sps, rel=1e-2, abs=1e-4
+        )
     png = (run_dir / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "samples/s" in proc.stderr + proc.stdout
@@ -69,6 +77,37 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["pipeline.role"] == "bench"
     assert {"results.csv", "results.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "shards_w0_b64_p0/ratio_vs_ram" in run.data.metrics
+    assert {"shards_w0_b64_p0/read_amplification", "disk/sequential_mb_per_s"} <= set(run.data.metrics)
+
+
+def test_cold_capped_bench_reads_from_disk_in_a_cgroup(tmp_path):
+    proc = run_bench(
+        tmp_path, *TINY, "bench.storages=[memmap]", "bench.cache=cold", "bench.memory_limit_mb=200"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "outputs" / "bench").glob("*/*"))
+    out = proc.stdout + proc.stderr
+    with open(run_dir / "results.csv") as fh:
+        by = {r["storage"]: r for r in csv.DictReader(fh)}
+    for name in ("pt", "memmap"):  # the baseline runs in the same conditions
+        row = by[name]
+        assert row["cache"] == "cold"
+        # every cold pass fetched its samples from the disk: at least their bytes (240 train x 120 bytes)
+        assert float(row["disk_read_mb"]) >= 240 * 120 / 1e6 and float(row["read_amplification"]) >= 1.0
+        if row["memory_limit_mb"]:  # capped in a real cgroup, which saw the pass's memory
+            assert float(row["memory_limit_mb"]) == 200 and float(row["cgroup_peak_mb"]) > 0
+        else:  # no cgroup here: the log says why
+            assert "bench.memory_limit_mb=200 not applied" in out
+    assert by["numpy_ram"]["cache"] == "warm" and by["numpy_ram"]["memory_limit_mb"] == ""
+    assert "dropped before each pass" in out
+
+
+def test_bad_cache_state_fails_composition_naming_the_valid_ones(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_bench(tmp_path, ["bench.cache=lukewarm"])
+    assert "expected one of [warm, cold]" in str(err.value.__cause__)
 
 
 def compose_bench(root, overrides=()):
@@ -89,6 +128,7 @@ def compose_bench(root, overrides=()):
         ("bench.num_workers=[]", "bench.num_workers"),
         ("bench.thread_prefetch=[-1]", "bench.thread_prefetch"),
         ("bench.max_passes=0", "bench.max_passes"),
+        ("bench.memory_limit_mb=-1", "bench.memory_limit_mb"),
         ("loader.pin_memory=maybe", "loader.pin_memory"),
         ("storage=shards storage.shard_size_mb=0", "storage.shard_size_mb"),
     ],

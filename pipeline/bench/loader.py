@@ -4,6 +4,7 @@
     python -m pipeline.bench bench.num_workers=[0,2] bench.thread_prefetch=[0,4] bench.batch_sizes=[64,256]
     python -m pipeline.bench storage=shards storage.shard_size_mb=8 storage.shuffle_buffer_shards=2
     python -m pipeline.bench -m source.num_samples=13233,100000  # a Hydra sweep: one bench per point
+    python -m pipeline.bench bench.cache=cold bench.memory_limit_mb=512 source.num_samples=100000
 
 For the source, every storage format in ``bench.storages`` x num_workers x batch size x thread
 prefetch depth is exported once (reused from ``paths.data_dir``), then its train-split DataLoader
@@ -13,12 +14,25 @@ passes). Two baselines run in the same process: the classic per-sample ``pt`` fo
 prefetch, same batch size) and ``numpy_ram``, a plain gather of the same kind of batches from an
 in-RAM numpy array with no DataLoader (the practical ceiling). Each timed pass is paired with a pass
 of that gather, and ``ratio_vs_ram`` divides by the paired passes' median, so a load spike on a
-shared machine moves both sides of the ratio.
+shared machine moves both sides of the ratio. A third figure is the disk: before the grid, the largest
+file of the exports is read sequentially, cold (pipeline.system.disk), and ``ratio_vs_disk`` divides
+samples/s by that bandwidth expressed in samples/s of the row's ``bytes_per_sample``.
+
+Conditions (pipeline/bench/conditions.py): ``bench.cache=warm`` (default) measures after a warm-up pass
+with the data in the page cache; ``bench.cache=cold`` drops the export's pages before every pass (no
+warm-up; the first batch latency is a cold one) and builds a fresh loader for it.
+``bench.memory_limit_mb`` runs every pass of a point inside a memory-capped cgroup (where none can be
+created, a logged line says why and the passes run uncapped; ``memory_limit_mb`` is then empty in the
+CSV). The in-RAM gather paired with a pass always runs warm and outside the cgroup, after the pass and
+before the next drop: it is the same ceiling in every condition, so ``ratio_vs_ram`` of a cold or capped
+point reads as "how far below the in-memory ceiling", measured under the same machine load.
 
 Output, in the run dir and in an MLflow run: ``results.csv`` (one row per point: samples/s, MB/s,
 ``bytes_per_sample`` (the export's data files over its samples: bytes on disk per sample), peak
 ``memory/used_mb`` and mapped file MB from pipeline.system.memory, first-batch latency, shuffle
-quality, the export's build time, ratios to both baselines) and ``results.png``.
+quality, the export's build time, ratios to the baselines and the disk, ``disk_read_mb`` per timed
+pass (main process + workers, pipeline.system.iocount), ``read_amplification`` (those bytes / the
+sample bytes delivered), the conditions and the cgroup's peak) and ``results.png``.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import progress
+from pipeline.bench.conditions import Passes
 from pipeline.config.resolvers import CONF_DIR
 from pipeline.config.schema import MLPConfig, TrainerConfig
 from pipeline.config.validate import ConfigError, _check, _is_int, validate
@@ -45,6 +60,7 @@ from pipeline.data.partition import partition
 from pipeline.data.sources import build_source
 from pipeline.data.storage import FORMATS
 from pipeline.data.storage.batching import RandomBatchSampler, shuffle_quality
+from pipeline.system.disk import DiskRead, largest_file, sequential_read
 from pipeline.system.memory import MemorySampler
 from pipeline.tracking.lineage import git_info
 from pipeline.tracking.store import TrackedRun, flatten, prepare_store
@@ -54,6 +70,7 @@ from pipeline.training.loading import build_loader
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
+CPU = torch.device("cpu")
 RAM = "numpy_ram"
 COLUMNS = [
     "storage",
@@ -72,6 +89,13 @@ COLUMNS = [
     "export_seconds",
     "ratio_vs_pt",
     "ratio_vs_ram",
+    "cache",
+    "memory_limit_mb",
+    "disk_read_mb",
+    "read_amplification",
+    "ratio_vs_disk",
+    "disk_mb_per_s",
+    "cgroup_peak_mb",
 ]
 
 
@@ -95,6 +119,13 @@ def validate_bench(cfg: DictConfig) -> None:
     _check(_is_int(b.min_passes) and b.min_passes >= 1, "bench.min_passes", b.min_passes, "an integer >= 1")
     _check(b.max_passes >= b.min_passes, "bench.max_passes", b.max_passes, ">= bench.min_passes")
     _check(b.min_seconds >= 0, "bench.min_seconds", b.min_seconds, ">= 0")
+    limit = b.memory_limit_mb
+    _check(
+        limit is None or (isinstance(limit, (int, float)) and limit > 0),
+        "bench.memory_limit_mb",
+        limit,
+        "a number of MB > 0, or null for no cap",
+    )
 
 
 def storage_config(name: str, current: DictConfig) -> DictConfig:
@@ -130,23 +161,23 @@ def _one_pass(loader) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(loader, ram: RamGather | None, b, held_mb: float = 0.0) -> dict:
-    """First-batch latency and a warm-up pass, then timed passes, each paired with a pass of the
-    in-RAM gather so that the ratio holds however the machine's load drifts. Rates are medians
-    over passes; ``held_mb`` (the in-RAM baseline's array, held meanwhile) is left out of memory."""
+def measure(passes: Passes, ram: RamGather | None, b, held_mb: float = 0.0, sample_bytes: int = 0) -> dict:
+    """Warm: first-batch latency and a warm-up pass, then timed passes; cold: timed passes only (the
+    first one's first batch gives the latency). Each timed pass is paired with a pass of the in-RAM
+    gather so that the ratio holds however the machine's load drifts. Rates are medians over passes;
+    ``held_mb`` (the in-RAM baseline's array, held meanwhile) is left out of memory; disk bytes are per
+    timed pass, and over the sample bytes the timed passes delivered."""
     rates, ram_rates = [], []
+    disk = delivered = 0
     with MemorySampler(interval_s=0.1) as memory:
-        t0 = time.perf_counter()
-        it = iter(loader)
-        next(it)
-        first_ms = (time.perf_counter() - t0) * 1e3
-        for _ in it:  # rest of the warm-up pass
-            pass
+        first_ms = None if passes.cold else passes.run().first_batch_ms  # warm: the warm-up pass
         seconds = 0.0
         while len(rates) < b.max_passes and (len(rates) < b.min_passes or seconds < b.min_seconds):
-            t0 = time.perf_counter()
-            rates.append(_one_pass(loader))
-            seconds += time.perf_counter() - t0
+            p = passes.run()
+            first_ms = p.first_batch_ms if first_ms is None else first_ms
+            rates.append(p.samples_per_s)
+            seconds += p.seconds
+            disk, delivered = disk + p.disk_bytes, delivered + p.samples * sample_bytes
             if ram is not None:
                 ram_rates.append(_one_pass(ram))
         memory.sample()
@@ -159,7 +190,26 @@ def measure(loader, ram: RamGather | None, b, held_mb: float = 0.0) -> dict:
         "seconds": seconds,
         "peak_used_mb": memory.peak["used_mb"] - held_mb,
         "peak_mapped_file_mb": memory.peak["mapped_file_mb"],
+        "cache": "cold" if passes.cold else "warm",
+        "disk_read_mb": disk / 1e6 / len(rates),
+        "read_amplification": disk / delivered if delivered else 0.0,
     }
+
+
+def measure_disk(exports: list) -> DiskRead:
+    """Sequential cold read bandwidth of the largest file of the exports."""
+    disk = sequential_read(largest_file([exp.root for exp in exports]))
+    log.info(
+        "bench: disk: %s read sequentially, cold: %.0f MB in %.2f s = %.0f MB/s (%.0f%% from the device)",
+        disk.path.name,
+        disk.bytes / 1e6,
+        disk.seconds,
+        disk.mb_per_s,
+        100 * disk.from_disk,
+    )
+    if disk.from_disk < 0.9:
+        log.warning("bench: %s stayed in the page cache: ratio_vs_disk is against the cache", disk.path)
+    return disk
 
 
 def epoch_order(loader, seed: int) -> np.ndarray:
@@ -189,12 +239,18 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
     storages = list(dict.fromkeys(["pt", *b.storages]))  # pt is a baseline
     rows: list[dict] = []
     x = y = None
+    exports = {}
     for name in storages:
         scfg = storage_config(name, cfg.storage)
         exp = export(cfg.source, scfg, cfg.paths.data_dir)
         log.info("bench: %s export %s (%.1f s)", name, exp.root.name, exp.manifest["export_seconds"])
         if tr is not None:
             tr.log_metrics({f"export_seconds.{name}": exp.manifest["export_seconds"]})
+        exports[name] = (scfg, exp)
+    disk = measure_disk([exp for _, exp in exports.values()])
+    if tr is not None:
+        tr.log_metrics({"disk/sequential_mb_per_s": disk.mb_per_s})
+    for name, (scfg, exp) in exports.items():
         split = partition(exp.labels, cfg.split)
         sample_bytes = exp.spec.sample_bytes
         on_disk = data_bytes_per_sample(exp)
@@ -202,7 +258,6 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
             x, y = ram_train_set(cfg.source, split.train)
             held_mb = (x.nbytes + y.nbytes) / MB
             rams = {bs: RamGather(x, y, bs, b.seed) for bs in b.batch_sizes}
-        dataset = exp.dataset(split.train, scfg)
         grid = list(itertools.product(b.num_workers, b.batch_sizes, b.thread_prefetch))
         if name == "pt":  # the classic recipe's baseline point per batch size, plus the grid if asked
             baseline = [(0, bs, 0) for bs in b.batch_sizes]
@@ -210,10 +265,16 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
         for workers, batch_size, prefetch in grid:
             point = {"num_workers": workers, "batch_size": batch_size, "thread_prefetch": prefetch}
             loader_cfg = OmegaConf.merge(cfg.loader, {**point, "shuffle": True})
-            loader = build_loader(dataset, loader_cfg, seed=b.seed, train=True, device=torch.device("cpu"))
+
+            def make(loader_cfg=loader_cfg, exp=exp, scfg=scfg, ids=split.train):  # a fresh Dataset each time
+                return build_loader(exp.dataset(ids, scfg), loader_cfg, seed=b.seed, train=True, device=CPU)
+
             row = {"storage": name, "num_workers": workers, "batch_size": batch_size, "prefetch": prefetch}
-            row.update(measure(loader, rams[batch_size], b, held_mb))
-            row["shuffle_quality"] = shuffle_quality(epoch_order(loader, b.seed))
+            with Passes(make, b.cache, b.memory_limit_mb, drop=[exp.root]) as passes:
+                row.update(measure(passes, rams[batch_size], b, held_mb, sample_bytes))
+            row["memory_limit_mb"] = passes.limit_applied_mb
+            row["cgroup_peak_mb"] = passes.cgroup_peak_mb
+            row["shuffle_quality"] = shuffle_quality(epoch_order(passes.loader, b.seed))
             row["export_seconds"] = exp.manifest["export_seconds"]
             row["bytes_per_sample"] = on_disk
             rows.append(row)
@@ -221,12 +282,16 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
     for batch_size, ram in rams.items():
         row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0}
         row["bytes_per_sample"] = x[0].nbytes  # in memory, not on disk
-        row.update(measure(ram, None, b), shuffle_quality=shuffle_quality(epoch_order(ram, b.seed)))
+        row.update(measure(Passes(lambda ram=ram: ram), None, b, 0.0, sample_bytes))  # in RAM: warm, uncapped
+        row["shuffle_quality"] = shuffle_quality(epoch_order(ram, b.seed))
         rows.append(row)
         log.info("bench: %s", _describe(row))
     for row in rows:
         row["mb_per_s"] = row["samples_per_s"] * sample_bytes / 1e6
         row["ratio_vs_pt"] = row["samples_per_s"] / _find(rows, "pt", row["batch_size"])["samples_per_s"]
+        disk_samples_per_s = disk.mb_per_s * 1e6 / row["bytes_per_sample"]  # this format's bytes, read in order
+        row["ratio_vs_disk"] = row["samples_per_s"] / disk_samples_per_s if disk_samples_per_s else 0.0
+        row["disk_mb_per_s"] = disk.mb_per_s
     return rows
 
 
@@ -259,7 +324,8 @@ def _describe(row: dict) -> str:
     return (
         f"{_label(row):28s} {row['samples_per_s']:>12,.0f} samples/s  "
         f"first batch {row['first_batch_ms']:.1f} ms  "
-        f"peak used {row['peak_used_mb']:.0f} MB, mapped {row['peak_mapped_file_mb']:.0f} MB"
+        f"peak used {row['peak_used_mb']:.0f} MB, mapped {row['peak_mapped_file_mb']:.0f} MB, "
+        f"{row['cache']}, disk {row['disk_read_mb']:.1f} MB/pass ({row['read_amplification']:.2f}x)"
     )
 
 
@@ -278,6 +344,9 @@ TABLE = [  # header, width, format
     ("B/sample", 8, "{bytes_per_sample:,.0f}"),
     ("vs pt", 8, "{ratio_vs_pt:.1f}x"),
     ("vs RAM", 7, "{ratio_vs_ram:.2f}x"),
+    ("vs disk", 8, "{ratio_vs_disk:.2f}x"),
+    ("disk MB", 8, "{disk_read_mb:.1f}"),
+    ("read amp", 8, "{read_amplification:.2f}x"),
     ("used MB", 8, "{peak_used_mb:.0f}"),
     ("mapped MB", 9, "{peak_mapped_file_mb:.0f}"),
     ("1st ms", 7, "{first_batch_ms:.1f}"),
@@ -340,7 +409,9 @@ def run(cfg: DictConfig) -> list[dict]:
         tr.log_params(flatten({k: cfg[k] for k in ("source", "storage", "split", "loader", "bench")}))
         rows = run_bench(cfg, output_dir, tr)
         csv_path = write_csv(rows, output_dir / "results.csv")
-        title = f"{src.name} {shape} ({len(rows)} points): loader throughput, train split"
+        b = cfg.bench
+        limit = f", {b.memory_limit_mb:g} MB cap" if b.memory_limit_mb is not None else ""
+        title = f"{src.name} {shape} ({len(rows)} points): loader throughput, train split, {b.cache}{limit}"
         png = plot(rows, output_dir / "results.png", title)
         log.info("bench results (%s):\n%s", csv_path, format_table(rows))
         for r in rows:
@@ -351,6 +422,9 @@ def run(cfg: DictConfig) -> list[dict]:
                     f"{key}/ratio_vs_pt": r["ratio_vs_pt"],
                     f"{key}/ratio_vs_ram": r["ratio_vs_ram"],
                     f"{key}/peak_used_mb": r["peak_used_mb"],
+                    f"{key}/disk_read_mb": r["disk_read_mb"],
+                    f"{key}/read_amplification": r["read_amplification"],
+                    f"{key}/ratio_vs_disk": r["ratio_vs_disk"],
                 }
             )
         tr.log_artifact(csv_path)

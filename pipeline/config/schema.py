@@ -71,6 +71,11 @@ class Optimizer(Choice):
     sgd = "sgd"
 
 
+class CacheState(Choice):
+    warm = "warm"  # a warm-up pass first; the data stays in the page cache
+    cold = "cold"  # the export's pages dropped before every pass
+
+
 MODEL_NAMES = ("mlp", "cnn")  # conf/model/<name>.yaml; pipeline/training/models.py builds them
 
 
@@ -268,6 +273,10 @@ class BenchOptions:
     min_seconds: float = 1.0  # ... and at least this long in total
     max_passes: int = 100
     seed: int = 0
+    cache: CacheState = CacheState.warm  # cold: the export's pages dropped before every measured pass
+    memory_limit_mb: Optional[float] = (
+        None  # each pass in a memory-capped cgroup (where possible); null = none
+    )
 
 
 @dataclass

@@ -4,6 +4,7 @@
     final = fit(model, train_loader, val_loader, cfg.trainer, device=device,
                 memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
     fit(..., optimizer=optimizer, start_epoch=2, samples_seen=n)   # resume: epochs 2.. on top of n
+    fit(..., sample_bytes=exp.spec.sample_bytes)                   # adds io/read_amplification
 
 Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
 ``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
@@ -13,8 +14,14 @@ far: counted batch by batch over every rank, carried over from ``samples_seen`` 
 a memory sampler, the epoch's peaks
 ``memory/epoch_peak_<figure>`` (``used_mb``, ``mapped_file_mb``, ``uss_workers_mb``, ...; the sampled
 series itself is ``memory/<figure>``). With a sampler, epoch starts are marked on its timeline and its
-budget is checked on every step. At the end the samples this call trained on are checked against
-what the loaders promise (len(train) x the epochs run, less what ``drop_last`` drops on each rank).
+budget is checked on every step. I/O of the train pass (main process + DataLoader workers, live or
+exited; pipeline.system.iocount, read at the pass's start and end only, summed over ranks):
+``io/read_mb`` (bytes fetched from the block device, in 10^6 bytes; ~0 when the data is in the page
+cache), ``io/read_mb_per_s`` (over the train pass's seconds) and, given ``sample_bytes``,
+``io/read_amplification`` (bytes read / (samples trained on x sample_bytes): ~1 for a cold pass that
+reads each sample once, far above 1 when readahead fetches pages that are evicted unused). At the end
+the samples this call trained on are checked against what the loaders promise (len(train) x the
+epochs run, less what ``drop_last`` drops on each rank).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline import progress
+from pipeline.system.iocount import disk_read_bytes
 from pipeline.training import distributed
 from pipeline.training.loading import batching
 from pipeline.training.seeding import set_epoch
@@ -78,6 +86,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, memory=None) -> tup
     return (total.item() / max(n, 1), correct.item() / max(n, 1))
 
 
+def io_metrics(read_bytes: int, seconds: float, delivered_bytes: int | None) -> dict:
+    out = {
+        "io/read_mb": read_bytes / 1e6,
+        "io/read_mb_per_s": read_bytes / 1e6 / seconds if seconds > 0 else 0.0,
+    }
+    if delivered_bytes:
+        out["io/read_amplification"] = read_bytes / delivered_bytes
+    return out
+
+
 def fit(
     model,
     train_loader,
@@ -90,6 +108,7 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     start_epoch: int = 0,
     samples_seen: int = 0,
+    sample_bytes: int | None = None,
 ) -> dict:
     model.to(device)
     net = distributed.wrap(model, device)  # DDP under torchrun, else model
@@ -106,6 +125,7 @@ def fit(
         wait = 0.0
         if memory is not None:
             memory.mark_epoch(epoch)
+        read0 = disk_read_bytes()
         t0 = time.perf_counter()
         batches = iter(
             distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
@@ -133,7 +153,8 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
-        total, correct, n = distributed.sum_all(total, correct, n)  # torchrun: global figures
+        read = disk_read_bytes() - read0 if read0 is not None else 0  # workers of the pass included
+        total, correct, n, read = distributed.sum_all(total, correct, n, read)  # torchrun: global figures
         seen += n
         tv = time.perf_counter()
         val_loss, val_acc = evaluate(model, val_loader, device, memory)
@@ -150,12 +171,14 @@ def fit(
             "perf/val_seconds": time.perf_counter() - tv,
             "train/samples_seen": samples_seen + seen,
         }
+        if read0 is not None:
+            metrics.update(io_metrics(read, train_s, n * sample_bytes if sample_bytes else None))
         if memory is not None:
             metrics.update({f"memory/epoch_peak_{k}": v for k, v in memory.take_epoch().items()})
             memory.check(f"at the end of epoch {epoch}")
         log.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.0f samples/s, "
-            "%.0f%% waiting for data",
+            "%.0f%% waiting for data, %.0f MB read from disk",
             epoch + 1,
             cfg.epochs,
             metrics["train/loss"],
@@ -164,6 +187,7 @@ def fit(
             val_acc,
             metrics["perf/train_samples_per_s"],
             100 * metrics["perf/data_wait_fraction"],
+            metrics.get("io/read_mb", 0.0),
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)

@@ -6,6 +6,8 @@ One format = one module here with a ``Writer`` and a ``Dataset``, plus one YAML 
     Dataset(root, spec, labels, ids, cfg)
                                         a map-style torch Dataset over the sample ids ``ids``;
                                         item i is (tensor of spec.shape, int label of ids[i])
+    check_fits(spec, num_samples)      optional: raise before loading when a format that holds its
+                                        data in memory would not fit (pipeline/job.py calls it)
 
 Labels (``labels.npy``) and the manifest are written by the export stage for every format.
 """

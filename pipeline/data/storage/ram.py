@@ -9,6 +9,11 @@ the contrast with the out-of-core formats. The copy is read in sorted chunks thr
 memory map, so it never needs twice the split's size; the map is dropped afterwards. Workers forked
 after the load share the array copy-on-write (nothing in it is a Python object, so reading it does
 not copy pages).
+
+Before loading, ``check_fits`` compares the bytes to load with the memory the job may still use
+(pipeline.system.headroom: the cgroup limit minus what the job uses, and MemAvailable, whichever is
+lower) and raises ``DoesNotFit`` naming both figures: the job calls it for train + val before building
+either Dataset, and each Dataset for its own ids.
 """
 
 from __future__ import annotations
@@ -20,6 +25,15 @@ import torch
 
 DATA = "data.npy"
 READ_CHUNK = 4096  # samples per read while loading
+REMEDY = "Use storage=memmap or storage=shards, which read from disk and need not fit in memory."
+
+
+def check_fits(spec, num_samples: int) -> None:
+    """Raise pipeline.system.headroom.DoesNotFit unless ``num_samples`` samples fit in memory now."""
+    from pipeline.system.headroom import require
+
+    need = int(num_samples) * spec.sample_bytes
+    require(need, f"storage=ram would load {num_samples:,} samples of {spec.sample_bytes:,} bytes", REMEDY)
 
 
 class Writer:
@@ -50,6 +64,7 @@ class Dataset(torch.utils.data.Dataset):
         want = (spec.num_samples, *spec.shape)
         if stored.shape != want or stored.dtype != np.dtype(spec.dtype):
             raise ValueError(f"{path} holds {stored.shape} {stored.dtype}; expected {want} {spec.dtype}")
+        check_fits(spec, len(self.ids))
         self.x = np.empty((len(self.ids), *spec.shape), dtype=stored.dtype)
         order = np.argsort(self.ids, kind="stable")  # read the file front to back
         for start in range(0, len(order), READ_CHUNK):
