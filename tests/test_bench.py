@@ -80,6 +80,7 @@ def test_bench_writes_csv_chart_and_mlflow_run(tmp_path):
     assert {"shards_w0_b64_p0/read_amplification", "disk/sequential_mb_per_s"} <= set(run.data.metrics)
 
 
+@pytest.mark.slow  # a bench run that drops the whole machine's page cache before each pass (as root)
 def test_cold_capped_bench_reads_from_disk_in_a_cgroup(tmp_path):
     proc = run_bench(
         tmp_path, *TINY, "bench.storages=[memmap]", "bench.cache=cold", "bench.memory_limit_mb=200"
