@@ -97,18 +97,24 @@ def test_trains_on_data_twice_the_memory_limit(tmp_path, storage):
             proc = run_cli(tmp_path, *overrides, "paths.output_dir=" + str(tmp_path / "run"), timeout=600)
         finally:
             cg.__exit__(None, None, None)
-        assert cg.oom_kills == 0, f"the OOM killer struck {cg.oom_kills} times (peak {cg.peak_mb:.0f} MB)"
-        assert proc.returncode == 0, proc.stderr[-3000:]
         keys = ("train/samples_seen", "io/read_mb", "io/read_amplification", "perf/train_samples_per_s",
                 "perf/data_wait_fraction")  # fmt: skip
-        h = {
-            k: v[-1][1] for k, v in histories(tmp_path, run_id_for(tmp_path, tmp_path / "run"), keys).items()
-        }
-        assert h["train/samples_seen"] == int(NUM_SAMPLES * 0.8)
-        assert h["io/read_amplification"] <= 1.5, (
+        try:  # the epoch's metrics are logged when it ends, even if the job dies afterwards
+            runs = histories(tmp_path, run_id_for(tmp_path, tmp_path / "run"), keys)
+            h = {k: v[-1][1] for k, v in runs.items() if v}
+        except Exception:  # no run recorded
+            h = {}
+        seen = (
             f"{storage[0]}: read {h['io/read_mb']:,.0f} MB from disk = {h['io/read_amplification']:.2f}x the "
             f"samples, {h['perf/train_samples_per_s']:,.0f} samples/s, {h['perf/data_wait_fraction']:.0%} "
-            f"waiting for data, cgroup peak {cg.peak_mb:.0f} MB of {LIMIT_MB} MB"
-        )
+            "waiting for data"
+            if "io/read_amplification" in h
+            else f"{storage[0]}: no epoch ended"
+        ) + f"; cgroup peak {cg.peak_mb:.0f} MB of {LIMIT_MB} MB, {cg.oom_kills} OOM kills"
+        print(seen)  # the figures, for the log (pytest -s)
+        assert cg.oom_kills == 0, seen
+        assert proc.returncode == 0, seen + "\n" + proc.stderr[-3000:]
+        assert h["train/samples_seen"] == int(NUM_SAMPLES * 0.8), seen
+        assert h["io/read_amplification"] <= 1.5, seen
     finally:
         shutil.rmtree(exp.root, ignore_errors=True)  # 1.69 GB
