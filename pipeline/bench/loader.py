@@ -289,7 +289,7 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
     for row in rows:
         row["mb_per_s"] = row["samples_per_s"] * sample_bytes / 1e6
         row["ratio_vs_pt"] = row["samples_per_s"] / _find(rows, "pt", row["batch_size"])["samples_per_s"]
-        disk_samples_per_s = disk.mb_per_s * 1e6 / row["bytes_per_sample"]  # this format's bytes, read in order
+        disk_samples_per_s = disk.mb_per_s * 1e6 / row["bytes_per_sample"]  # the format's bytes, in order
         row["ratio_vs_disk"] = row["samples_per_s"] / disk_samples_per_s if disk_samples_per_s else 0.0
         row["disk_mb_per_s"] = disk.mb_per_s
     return rows
