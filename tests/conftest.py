@@ -1,10 +1,13 @@
-"""Shared fixtures: a throw-away project root per test, Hydra's compose API, and the real CLI."""
+"""Shared fixtures: a throw-away project root per test (with a ready MLflow store), Hydra's compose API,
+and the real CLI."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,12 +18,52 @@ CONF_DIR = str(REPO / "conf")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    """No test writes into the checkout's outputs/ or reads a developer's MLflow settings."""
+def _isolated_env(request, monkeypatch, tmp_path):
+    """No test writes into the checkout's outputs/ or reads a developer's MLflow settings. Each test's
+    project store (``tmp_path/outputs/mlflow.db``) starts as a copy of an empty, migrated store, unless
+    the test is marked ``fresh_store``."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PIPELINE_MLFLOW_PARENT_RUN_ID", raising=False)
     monkeypatch.setenv("PIPELINE_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    if request.node.get_closest_marker("fresh_store") is None:
+        copy_store(request.getfixturevalue("mlflow_template"), tmp_path)
+
+
+@pytest.fixture(scope="session")
+def mlflow_template() -> Path:
+    """An empty MLflow SQLite store with MLflow's schema in place, made once per MLflow version on this
+    machine: a new store runs ~3 s of schema migrations, a copy takes a millisecond. It holds only
+    MLflow's Default experiment (unused); jobs create their experiment in their copy."""
+    from importlib.metadata import version
+
+    template = Path(tempfile.gettempdir(), f"pipeline-tests-{os.getuid()}", f"mlflow-{version('mlflow')}.db")
+    if not template.exists():
+        _make_template(template)
+    return template
+
+
+def _make_template(template: Path) -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    partial = template.with_name(f".{template.name}.{os.getpid()}")
+    cwd = os.getcwd()
+    os.chdir(template.parent)  # the Default experiment's artifact folder: ./mlruns, beside the template
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    os.replace(partial, template)  # complete or absent, also when sessions race
+
+
+def copy_store(template: Path, root: Path) -> Path:
+    """Put a copy of ``template`` where a job under ``root`` keeps its store (``sqlite_uri(root)``)."""
+    store = root / "outputs" / "mlflow.db"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, store)
+    return store
 
 
 def compose_cfg(root: Path, overrides: list[str] = ()):

@@ -27,6 +27,7 @@ def test_compose_config_rejects_bad_values_before_any_work(tmp_path):
     assert not (tmp_path / "outputs" / "data").exists()
 
 
+@pytest.mark.fresh_store
 def test_stages_one_by_one_match_the_tracked_job(tmp_path):
     cfg = api.compose_config(["trainer.epochs=1", "storage=npy"])
     exp = api.export_data(cfg)

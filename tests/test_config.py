@@ -1,4 +1,6 @@
-"""Config groups compose, types are checked at compose time, and bad values are refused early."""
+"""Config groups compose; types, unknown keys and closed choices fail at compose time; every other bad
+value is refused by ``validate`` before any work, naming the key, the value and what is valid; the CLI
+answers --help, --cfg job and config errors without importing torch or MLflow."""
 
 from __future__ import annotations
 
@@ -6,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
 
 from pipeline.config.validate import ConfigError, validate
 from tests.conftest import CONF_DIR, compose_cfg, run_cli, run_command
@@ -17,7 +18,6 @@ GROUPS = [
     *("source", "storage", "split", "loader", "transform", "model", "trainer", "tracking", "paths"),
     "experiment",
 ]
-
 
 # options with a required key: the extra overrides they need to validate ({root} = the test's tmp_path)
 REQUIRED = {("source", "image_folder"): ["source.root={root}"]}
@@ -69,78 +69,169 @@ def test_seed_lfw_experiment_matches_the_blog_post(tmp_path):
     assert fingerprint(cfg.source, cfg.storage) == fingerprint(cfg.source, storage)
 
 
-@pytest.mark.parametrize(
-    "override",
-    ["loader.batch_size=abc", "source=synthetic source.num_samples=many", "trainer.lr=fast"],
-)
-def test_wrong_type_fails_at_compose_time(tmp_path, override):
-    with pytest.raises((ValidationError, ConfigCompositionException)):
-        compose_cfg(tmp_path, override.split())
+def test_defaults_and_reasonable_values_pass(tmp_path):
+    for overrides in (
+        [],
+        ["source=synthetic", "source.num_samples=10", "split.ratio=0.5", "loader.batch_size=5"],
+        ["loader.batch_size=1437", "loader.drop_last=true"],
+    ):
+        validate(compose_cfg(tmp_path, overrides))
 
 
-def test_unknown_key_fails_at_compose_time(tmp_path):
-    with pytest.raises((ValidationError, ConfigCompositionException)):
-        compose_cfg(tmp_path, ["loader.batchsize=32"])
+# ---- values composition cannot judge: validate() names key, value and what is valid ----
+
+# override(s), key named in the error, a fragment of "what is valid"
+BAD = [
+    (["loader.batch_size=0"], "loader.batch_size", "integer >= 1"),
+    (["loader.batch_size=-8"], "loader.batch_size", "integer >= 1"),
+    (["loader.num_workers=-1"], "loader.num_workers", "integer >= 0"),
+    (["loader.prefetch_factor=0"], "loader.prefetch_factor", "integer >= 1"),
+    (["loader.pin_memory=maybe"], "loader.pin_memory", "one of"),
+    (["split.ratio=1.0"], "split.ratio", "strictly between 0 and 1"),
+    (["split.ratio=1.5"], "split.ratio", "strictly between 0 and 1"),
+    (["split.ratio=0"], "split.ratio", "strictly between 0 and 1"),
+    (["split.ratio=-0.2"], "split.ratio", "strictly between 0 and 1"),
+    # digits has 1797 samples: int(1797 * 0.0005) = 0 train samples
+    (["split.ratio=0.0005"], "split.ratio", "leaves train empty for the 1797 samples"),
+    (["source=synthetic", "source.num_samples=3", "split.ratio=0.3"], "split.ratio", "leaves train empty"),
+    # 1437 train samples with the default ratio 0.8
+    (["loader.batch_size=1500", "loader.drop_last=true"], "loader.batch_size", "<= the 1437 train samples"),
+    (["trainer.epochs=0"], "trainer.epochs", "integer >= 1"),
+    (["trainer.lr=0"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=-0.1"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=inf"], "trainer.lr", "finite number > 0"),
+    (["trainer.lr=nan"], "trainer.lr", "finite number > 0"),
+    (["trainer.weight_decay=-1"], "trainer.weight_decay", ">= 0"),
+    (["trainer.momentum=-0.5"], "trainer.momentum", ">= 0"),
+    (["trainer.device=tpu"], "trainer.device", "auto | cpu | cuda"),
+    (["source=synthetic", "source.shape=[0,5]"], "source.shape", "integers >= 1"),
+    (["source=synthetic", "source.shape=[]"], "source.shape", "non-empty list"),
+    (["source=synthetic", "source.num_samples=1"], "source.num_samples", "integer >= 2"),
+    (["source=synthetic", "source.num_classes=0"], "source.num_classes", "integer >= 1"),
+    (["source=synthetic", "source.block_size=0"], "source.block_size", "integer >= 1"),
+    (["source=synthetic", "source.noise=-1"], "source.noise", ">= 0"),
+    (["source=synthetic", "source.shape=[4]", "model=cnn"], "source.shape", "model=cnn needs images"),
+    (["source=lfw", "source.resize=0"], "source.resize", "(0, 1]"),
+    (["source=lfw", "source.min_faces_per_person=-1"], "source.min_faces_per_person", "integer >= 0"),
+    (["source=lfw", "source.download_timeout_s=0"], "source.download_timeout_s", "> 0"),
+    (["source=lfw", "source.download_retries=-1"], "source.download_retries", "integer >= 0"),
+    (["model.hidden=[]"], "model.hidden", "non-empty list"),
+    (["model.dropout=1.0"], "model.dropout", "[0, 1)"),
+    (["model=cnn", "model.channels=[16,0]"], "model.channels", "integers >= 1"),
+    (["tracking.uri=''"], "tracking.uri", "non-empty string"),
+    (["tracking.experiment=' '"], "tracking.experiment", "non-empty string"),
+]
 
 
-@pytest.mark.parametrize(
-    "overrides,key",
-    [
-        (["loader.batch_size=0"], "loader.batch_size"),
-        (["loader.batch_size=-3"], "loader.batch_size"),
-        (["split.ratio=0"], "split.ratio"),
-        (["split.ratio=1.0"], "split.ratio"),
-        (["split.ratio=1.5"], "split.ratio"),
-        (["loader.num_workers=-1"], "loader.num_workers"),
-        (["loader.prefetch_factor=0"], "loader.prefetch_factor"),
-        (["loader.pin_memory=sometimes"], "loader.pin_memory"),
-        (["trainer.epochs=0"], "trainer.epochs"),
-        (["trainer.lr=0"], "trainer.lr"),
-        (["trainer.device=tpu"], "trainer.device"),
-        (["source=synthetic", "source.num_samples=1"], "source.num_samples"),
-        (["source=synthetic", "source.shape=[0,4]"], "source.shape"),
-        (["source=synthetic", "source.shape=[10]", "model=cnn"], "source.shape"),
-        (["model.hidden=[]"], "model.hidden"),
-        (["source=lfw", "source.resize=0"], "source.resize"),
-    ],
-)
-def test_validate_names_the_bad_key(tmp_path, overrides, key):
+@pytest.mark.parametrize("overrides,key,valid", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_value_names_key_value_and_what_is_valid(tmp_path, overrides, key, valid):
     cfg = compose_cfg(tmp_path, overrides)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as info:
         validate(cfg)
-    assert err.value.key == key
-    assert key in str(err.value)
+    err = info.value
+    assert err.key == key
+    assert f"{key}=" in str(err) and valid in str(err)
+    print(f"{' '.join(overrides)} -> {err}")
+
+
+def test_memory_budget_too_small_to_start(tmp_path):
+    # the budget key belongs to the memory feature's schema: add it to an untyped copy
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_cfg(tmp_path), resolve=True))
+    cfg.trainer.memory_budget_mb = 5
+    with pytest.raises(
+        ConfigError, match=r"trainer.memory_budget_mb=5 -- too small to start: .* already uses \d+ MB"
+    ):
+        validate(cfg)
+    cfg.trainer.memory_budget_mb = -1
+    with pytest.raises(ConfigError, match="trainer.memory_budget_mb=-1"):
+        validate(cfg)
+    cfg.trainer.memory_budget_mb = 1_000_000
+    validate(cfg)
+
+
+# ---- types, unknown keys, closed choices and group options: refused while composing ----
 
 
 @pytest.mark.parametrize(
-    "override,needle",
+    "override,fragments",
     [
-        ("loader.batch_size=0", "loader.batch_size=0"),
-        ("split.ratio=1.5", "split.ratio=1.5"),
-        ("loader.num_workers=-1", "loader.num_workers=-1"),
-        ("source=bogus", "source"),
-        ("storage=bogus", "storage"),
+        ("loader.batch_size=abc", ["loader.batch_size", "abc", "Integer"]),
+        ("split.ratio=high", ["split.ratio", "high", "Float"]),
+        ("trainer.lr=fast", ["trainer.lr", "fast", "Float"]),
+        ("source.num_samples=many", ["source.num_samples", "many", "Integer"]),
+        ("loader.drop_last=sometimes", ["loader.drop_last", "sometimes", "valid bool"]),
+        ("loader.bogus=1", ["loader.bogus", "Key 'bogus' not in 'LoaderConfig'"]),
+        ("loader.batchsize=32", ["loader.batchsize", "Key 'batchsize' not in 'LoaderConfig'"]),
+        # closed choices are Enums: the valid ones are named at once
+        (
+            "loader.multiprocessing_context=thread",
+            ["thread", "expected one of [auto, fork, spawn, forkserver]"],
+        ),
+        ("trainer.optimizer=rmsprop", ["rmsprop", "expected one of [adam, adamw, sgd]"]),
+        ("source.dtype=complex64", ["complex64", "expected one of [float16, float32, float64, uint8]"]),
     ],
 )
-def test_cli_refuses_bad_values_before_any_export(tmp_path, override, needle):
-    proc = run_cli(tmp_path, override)
+def test_wrong_type_or_unknown_key_fails_at_composition(tmp_path, override, fragments):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(
+            tmp_path, ["source=synthetic", override] if override.startswith("source.") else [override]
+        )
+    text = f"{info.value} {info.value.__cause__}"
+    for fragment in fragments:
+        assert fragment in text, text
+    print(f"{override} -> {text}")
+
+
+@pytest.mark.parametrize("group", ["source", "storage"])
+def test_unknown_group_option_names_the_group_and_its_options(tmp_path, group):
+    with pytest.raises(MissingConfigException) as info:
+        compose_cfg(tmp_path, [f"{group}=bogus"])
+    assert f"{group}/bogus" in str(info.value)
+    assert {"source": "digits", "storage": "memmap"}[group] in str(info.value)
+
+
+# ---- the real CLI: one smoke test of each way a config can be refused, and what it imports ----
+
+
+@pytest.mark.fresh_store
+def test_cli_rejects_bad_value_before_any_data_or_tracking_work(tmp_path):
+    proc = run_cli(tmp_path, "split.ratio=0.0005", "trainer.epochs=1", timeout=120)
     assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert not (tmp_path / "outputs" / "data").exists()
+    assert "split.ratio=0.0005 -- leaves train empty for the 1797 samples" in proc.stderr, proc.stderr[-2000:]
+    outputs = tmp_path / "outputs"
+    assert not (outputs / "data").exists() and not (outputs / "mlflow.db").exists()
+
+    proc = run_cli(tmp_path, "storage=bogus", timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'storage/bogus'" in proc.stderr and "Available options in 'storage'" in proc.stderr
+    assert not (outputs / "data").exists() and not (outputs / "mlflow.db").exists()
+    print(proc.stderr.strip().splitlines()[:4])
 
 
-@pytest.mark.parametrize(
-    "args", [["--cfg", "job"], ["--help"], ["loader.batch_size=0"], ["trainer.optimizer=x"]]
-)
-def test_printing_the_config_or_a_config_error_imports_neither_torch_nor_mlflow(tmp_path, args):
+# --help, --cfg job, a bad value (validate) and a bad choice (composition), in one fresh interpreter
+IMPORT_CHECK = """
+import sys
+from pipeline.cli import main
+for args in ([["--cfg", "job"], ["--help"], ["loader.batch_size=0"], ["trainer.optimizer=x"]]):
+    sys.argv = ["pipeline", *args]
+    try:
+        main()
+    except SystemExit as stop:
+        print("EXIT", args, stop.code)
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "mlflow", "sklearn"})
+    print("HEAVY", args, heavy)
+"""
+
+
+def test_printing_the_config_or_a_config_error_imports_neither_torch_nor_mlflow(tmp_path):
     """`pipeline --cfg job`, `--help` and a bad value answer in well under a second: the job's heavy
     imports come only once the config is valid."""
-    code = (
-        "import sys\n"
-        f"sys.argv = ['pipeline', *{args!r}]\n"
-        "from pipeline.cli import main\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow', 'sklearn'}))\n"
-    )
-    proc = run_command(tmp_path, [sys.executable, "-c", code], timeout=60)
-    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_command(tmp_path, [sys.executable, "-c", IMPORT_CHECK], timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "name: digits" in proc.stdout and "== Configuration groups ==" in proc.stdout  # --cfg, --help
+    assert "EXIT ['--help'] 0" in proc.stdout
+    assert "EXIT ['loader.batch_size=0'] 1" in proc.stdout and "loader.batch_size=0" in proc.stderr
+    assert "EXIT ['trainer.optimizer=x'] 1" in proc.stdout and "expected one of" in proc.stderr
+    for args in (["--cfg", "job"], ["--help"], ["loader.batch_size=0"], ["trainer.optimizer=x"]):
+        assert f"HEAVY {args} []" in proc.stdout, out[-3000:]

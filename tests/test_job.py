@@ -1,12 +1,14 @@
-"""The whole job through the real CLI: export -> partition -> load -> train, recorded in MLflow SQLite."""
+"""The whole job: export -> partition -> load -> train, recorded in MLflow SQLite; once through the real
+CLI (the suite's end-to-end smoke test), then in-process."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.partition import load_split
-from tests.conftest import run_cli, sqlite_uri
+from tests.conftest import compose_cfg, run_cli, sqlite_uri
 
 EPOCH_METRICS = [
     "train/loss",
@@ -32,6 +34,7 @@ def _history(client, run, key):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.fresh_store  # the job creates the store, as a new user's first run does
 def test_default_job_end_to_end_and_rerun_reuses_everything(tmp_path):
     first = run_cli(tmp_path, "trainer.epochs=2")
     assert first.returncode == 0, first.stderr
@@ -69,26 +72,27 @@ def test_default_job_end_to_end_and_rerun_reuses_everything(tmp_path):
 
 
 def test_failing_job_is_marked_failed(tmp_path):
-    proc = run_cli(
-        tmp_path,
+    from pipeline.data.sources.lfw import LFWUnavailable
+    from pipeline.job import run
+
+    overrides = [
         "experiment=seed_lfw",
         f"source.data_home={tmp_path}/no_lfw",
         "source.download_if_missing=false",
-    )
-    assert proc.returncode != 0
-    assert "LFW data is not in" in proc.stderr
+    ]
+    with pytest.raises(LFWUnavailable, match="LFW data is not in"):
+        run(compose_cfg(tmp_path, overrides))
     client, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert "LFWUnavailable" in runs[0].data.tags["error"]
 
 
 def test_lfw_job_from_local_cache(tmp_path):
+    from pipeline.job import run
     from tests.test_sources import make_lfw_cache
 
     make_lfw_cache(tmp_path / "sk", people=("A_B", "C_D"), per_person=5)
-    proc = run_cli(
-        tmp_path, "experiment=seed_lfw", f"source.data_home={tmp_path}/sk", "trainer.epochs=1", "model=cnn"
-    )
-    assert proc.returncode == 0, proc.stderr
+    overrides = ["experiment=seed_lfw", f"source.data_home={tmp_path}/sk", "trainer.epochs=1", "model=cnn"]
+    run(compose_cfg(tmp_path, overrides))
     client, runs = _runs(tmp_path)
     assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["train/samples_seen"] == 8

@@ -14,7 +14,7 @@ from pipeline.data.sources import SampleSpec
 from pipeline.data.storage import ram
 from pipeline.system.memory import MemorySampler, snapshot
 from pipeline.training.loading import build_loader
-from tests.conftest import run_cli, sqlite_uri
+from tests.conftest import compose_cfg, sqlite_uri
 
 MB = 1024 * 1024
 
@@ -72,15 +72,10 @@ def test_budget_flag_raises_with_budget_and_measured_figure():
 
 
 def test_every_run_records_series_peaks_and_timeline(tmp_path):
-    res = run_cli(
-        tmp_path,
-        "source=digits",
-        "storage=npy",
-        "trainer.epochs=2",
-        "trainer.memory_interval_s=0.05",
-        "loader.num_workers=2",
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    from pipeline.job import run
+
+    overrides = ["storage=npy", "trainer.epochs=2", "trainer.memory_interval_s=0.05", "loader.num_workers=2"]
+    run(compose_cfg(tmp_path, overrides))
     client = MlflowClient(sqlite_uri(tmp_path))
     (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.status == "FINISHED"

@@ -31,7 +31,8 @@ def _post(url: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-pytestmark = pytest.mark.slow  # ~50 s on 2 busy cores: server start ~12 s, two jobs each importing mlflow
+# ~50 s on 2 busy cores: server start ~12 s, two jobs each importing mlflow; the local store must stay absent
+pytestmark = [pytest.mark.slow, pytest.mark.fresh_store]
 
 
 def test_multirun_against_a_tracking_server(tmp_path):
