@@ -318,6 +318,10 @@ def _iterate_after_killing_a_worker(victims: list) -> None:
     worker = _worker_of_this_process(before)
     victims.append(worker.pid)
     worker.kill()
+    # wait until it has exited (left unreaped: torch reaps it): its SIGCHLD is then due. Reading on
+    # before that can meet a batch it queued but can no longer hand over (ConnectionResetError while
+    # unpickling its shared memory), and torch's error would then land later, anywhere.
+    os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT)
     for _ in batches:
         pass
 
