@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from pipeline import api
 from pipeline.config.validate import ConfigError
-from tests.conftest import sqlite_uri
+from tests.conftest import copy_store, sqlite_uri
 
 
 def test_compose_config_sets_a_concrete_output_dir(tmp_path):
@@ -28,7 +28,7 @@ def test_compose_config_rejects_bad_values_before_any_work(tmp_path):
 
 
 @pytest.mark.fresh_store
-def test_stages_one_by_one_match_the_tracked_job(tmp_path):
+def test_stages_one_by_one_match_the_tracked_job(tmp_path, mlflow_template):
     cfg = api.compose_config(["trainer.epochs=1", "storage=npy"])
     exp = api.export_data(cfg)
     assert exp.spec.num_samples == 1797 and not exp.reused
@@ -43,6 +43,7 @@ def test_stages_one_by_one_match_the_tracked_job(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # the stages track nothing
 
+    copy_store(mlflow_template, tmp_path)  # (a ready store: creating one is test_job's business)
     final = api.run(cfg)  # the whole job: same seeds, same data, same numbers, now tracked
     assert final["val/accuracy"] == history[-1]["val/accuracy"]
     client = MlflowClient(sqlite_uri(tmp_path))

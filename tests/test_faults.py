@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from pipeline.data.export import ExportError, export, open_export
 from pipeline.data.storage import get_format
 from pipeline.tracking.store import TrackingError, prepare_store
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, sqlite_uri
 
 # ----------------------------------------------------------------------------------------------
 # Export killed with SIGKILL
@@ -423,6 +423,6 @@ def test_existing_sqlite_store_made_read_only_fails_at_start(small_fs, mlflow_te
 
 
 def test_unwritable_artifact_location_fails_at_start(tmp_path, readonly_dir):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri(tmp_path)  # a working store (conftest.py)
     with pytest.raises(TrackingError, match=rf"{uri} cannot be used: .*{readonly_dir}"):
         prepare_store(uri, "pipeline", str(readonly_dir / "artifacts"))

@@ -36,10 +36,20 @@ def _history(client, run, key):
 
 @pytest.mark.fresh_store  # the job creates the store, as a new user's first run does
 def test_default_job_end_to_end_and_rerun_reuses_everything(tmp_path):
+    from pipeline.job import run as run_job
+
     first = run_cli(tmp_path, "trainer.epochs=2")
     assert first.returncode == 0, first.stderr
-    second = run_cli(tmp_path, "trainer.epochs=2")
-    assert second.returncode == 0, second.stderr
+    client, (cli_run,) = _runs(tmp_path)
+    # the rerun, in this process, with the CLI's torch thread count (float sums depend on it)
+    threads = cli_run.data.params["torch.num_threads"]
+    rerun_dir = tmp_path / "outputs" / "runs" / "in-process" / "rerun"
+    run_job(
+        compose_cfg(
+            tmp_path,
+            ["trainer.epochs=2", f"trainer.torch_threads={threads}", f"paths.output_dir={rerun_dir}"],
+        )
+    )
 
     client, runs = _runs(tmp_path)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

@@ -86,6 +86,7 @@ def _check_report(root: Path, proc, n_children: int) -> tuple:
     return parent, children, rows
 
 
+@pytest.mark.slow  # the default suite checks the report on test_multirun.py's 2x2 sweep
 def test_multirun_writes_report_to_parent_run(tmp_path):
     proc = run_cli(tmp_path, "-m", *TINY, "loader.batch_size=32,128")
     parent, children, rows = _check_report(tmp_path, proc, 2)
