@@ -218,14 +218,23 @@ for args in ([["--cfg", "job"], ["--help"], ["loader.batch_size=0"], ["trainer.o
         main()
     except SystemExit as stop:
         print("EXIT", args, stop.code)
-    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "mlflow", "sklearn"})
-    print("HEAVY", args, heavy)
+    heavy = {"torch", "mlflow", "sklearn", "matplotlib", "numpy"}
+    print("HEAVY", args, sorted({m.split(".")[0] for m in sys.modules} & heavy))
+    print("PIPELINE", args, sorted(m for m in sys.modules if m.startswith("pipeline")))
 """
+CONFIG_ONLY = [
+    "pipeline",
+    "pipeline.cli",
+    "pipeline.config",
+    "pipeline.config.resolvers",
+    "pipeline.config.schema",
+]
 
 
 def test_printing_the_config_or_a_config_error_imports_neither_torch_nor_mlflow(tmp_path):
     """`pipeline --cfg job`, `--help` and a bad value answer in well under a second: the job's heavy
-    imports come only once the config is valid."""
+    imports come only once the config is valid; printing the config or the help imports nothing of
+    the pipeline but its config package (not even numpy)."""
     proc = run_command(tmp_path, [sys.executable, "-c", IMPORT_CHECK], timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -233,5 +242,8 @@ def test_printing_the_config_or_a_config_error_imports_neither_torch_nor_mlflow(
     assert "EXIT ['--help'] 0" in proc.stdout
     assert "EXIT ['loader.batch_size=0'] 1" in proc.stdout and "loader.batch_size=0" in proc.stderr
     assert "EXIT ['trainer.optimizer=x'] 1" in proc.stdout and "expected one of" in proc.stderr
-    for args in (["--cfg", "job"], ["--help"], ["loader.batch_size=0"], ["trainer.optimizer=x"]):
+    for args in (["--cfg", "job"], ["--help"]):
         assert f"HEAVY {args} []" in proc.stdout, out[-3000:]
+        assert f"PIPELINE {args} {CONFIG_ONLY}" in proc.stdout, out[-3000:]
+    for args in (["loader.batch_size=0"], ["trainer.optimizer=x"]):  # validate() may read numpy
+        assert f"HEAVY {args} []" in proc.stdout or f"HEAVY {args} ['numpy']" in proc.stdout, out[-3000:]

@@ -53,7 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import progress
 from pipeline.bench.conditions import Passes
 from pipeline.config.resolvers import CONF_DIR
-from pipeline.config.schema import MLPConfig, TrainerConfig
+from pipeline.config.schema import MLPConfig, TrainerConfig, register_bench
 from pipeline.config.validate import ConfigError, _check, _is_int, validate
 from pipeline.data.export import export
 from pipeline.data.partition import partition
@@ -431,6 +431,9 @@ def run(cfg: DictConfig) -> list[dict]:
         tr.log_artifact(png)
         tr.log_artifact(output_dir / ".hydra", "hydra")
     return rows
+
+
+register_bench()  # conf/bench.yaml extends base_bench
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")

@@ -292,9 +292,11 @@ class BenchConfig:
 
 
 def register_configs() -> None:
+    """base_config, and a base_* per option schema of the groups whose option picks a schema (source,
+    storage, model). The other groups (split, loader, transform, trainer, tracking, paths) have one
+    schema each, which ``Config``'s fields already give them: their options name no base."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(name="base_bench", node=BenchConfig)
     for group, name, node in [
         ("source", "base_digits", DigitsConfig),
         ("source", "base_lfw", LFWConfig),
@@ -305,13 +307,12 @@ def register_configs() -> None:
         ("storage", "base_memmap", MemmapStorageConfig),
         ("storage", "base_shards", ShardsStorageConfig),
         ("storage", "base_ram", RamStorageConfig),
-        ("split", "base_split", SplitConfig),
-        ("loader", "base_loader", LoaderConfig),
-        ("transform", "base_transform", TransformConfig),
         ("model", "base_mlp", MLPConfig),
         ("model", "base_cnn", CNNConfig),
-        ("trainer", "base_trainer", TrainerConfig),
-        ("tracking", "base_tracking", TrackingConfig),
-        ("paths", "base_paths", PathsConfig),
     ]:
         cs.store(group=group, name=name, node=node)
+
+
+def register_bench() -> None:
+    """base_bench, for conf/bench.yaml (``python -m pipeline.bench`` registers it)."""
+    ConfigStore.instance().store(name="base_bench", node=BenchConfig)
