@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.config.schema import LoaderConfig
 from pipeline.data.sources import SampleSpec
 from pipeline.data.storage import ram
 from pipeline.system.memory import MemorySampler, snapshot
@@ -99,15 +99,8 @@ def test_every_run_records_series_peaks_and_timeline(tmp_path):
 
 def _worker_uss_per_epoch(dataset, epochs: int = 3) -> list[float]:
     """USS of the 2 persistent workers together, sampled at the end of each epoch."""
-    cfg = SimpleNamespace(
-        batch_size=64,
-        shuffle=True,
-        drop_last=False,
-        num_workers=2,
-        pin_memory="false",
-        prefetch_factor=2,
-        persistent_workers=True,
-        multiprocessing_context="fork",
+    cfg = LoaderConfig(
+        num_workers=2, pin_memory="false", persistent_workers=True, multiprocessing_context="fork"
     )
     loader = build_loader(dataset, cfg, seed=0, train=True, device=torch.device("cpu"))
     out = []

@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from pipeline.config.schema import LoaderConfig
 from pipeline.data.partition import partition
 from pipeline.data.sources import SampleSpec
 from pipeline.data.storage import get_format
@@ -109,16 +110,7 @@ def test_storage_round_trip_any_shape_and_dtype(data, fmt):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_sampler_visits_each_index_once_per_epoch(n, batch_size, shuffle, drop_last, seed):
-    cfg = SimpleNamespace(
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=0,
-        pin_memory="false",
-        prefetch_factor=2,
-        persistent_workers=False,
-        multiprocessing_context="auto",
-    )
+    cfg = LoaderConfig(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, pin_memory="false")
     loader = build_loader(Ids(n), cfg, seed=seed, train=True, device=torch.device("cpu"))
     expected = (n // batch_size) * batch_size if drop_last else n
     for _epoch in range(2):

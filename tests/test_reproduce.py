@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.runs.reproduce import compare, main, rerun_overrides
+from pipeline.runs.reproduce import compare, main, report, rerun_overrides
 from tests.conftest import REPO, run_cli, sqlite_uri
 from tests.run_helpers import FAST, client, run_job
 
@@ -44,6 +45,10 @@ def test_compare_matches_equal_runs_and_flags_a_different_one(tmp_path):
     diverged = {r["metric"]: r for r in compare(mc, mc.get_run(a), mc.get_run(c))}
     assert diverged["train/loss"]["status"] == "DIVERGED" and diverged["train/loss"]["diff"] > 0
     assert diverged["train/samples_seen"]["status"] == "match"
+    out = io.StringIO()
+    report(mc.get_run(a), mc.get_run(c), list(diverged.values()), out=out)
+    text = out.getvalue()
+    assert "config keys that differ (paths/tracking not shown): 1\n  trainer.lr: 0.001 -> 0.002" in text, text
 
 
 def test_unknown_run_or_one_without_overrides_exits_2(tmp_path, capsys):

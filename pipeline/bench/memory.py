@@ -177,12 +177,11 @@ def _summed_rss_mb() -> float:
 
 def compare_free(out: Path, n: int, repeats: int) -> None:
     """Increase of memory/used_mb vs of MemTotal - MemAvailable, ram dataset + 2 forked workers."""
-    from types import SimpleNamespace
-
     import numpy as np
     import torch
     from omegaconf import OmegaConf
 
+    from pipeline.config.schema import LoaderConfig
     from pipeline.data.export import export
     from pipeline.system.memory import snapshot
     from pipeline.training.loading import build_loader
@@ -200,15 +199,8 @@ def compare_free(out: Path, n: int, repeats: int) -> None:
         }
     )
     exp = export(source, OmegaConf.create({"name": "ram"}), out / "data")
-    loader_cfg = SimpleNamespace(
-        batch_size=256,
-        shuffle=True,
-        drop_last=False,
-        num_workers=2,
-        pin_memory="false",
-        prefetch_factor=2,
-        persistent_workers=False,
-        multiprocessing_context="fork",
+    loader_cfg = LoaderConfig(
+        batch_size=256, num_workers=2, pin_memory="false", multiprocessing_context="fork"
     )
     print(f"ram dataset of {n} samples ({n * SAMPLE_BYTES / MB:.0f} MB), DataLoader with 2 forked workers")
     print("Δ = while iterating (mid-epoch) minus after the loader and data are released (1 s later)")

@@ -39,6 +39,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import yaml  # noqa: E402
 
 from pipeline.config.resolvers import CONF_DIR as REPO_CONF  # noqa: E402
+from pipeline.tracking.store import config_differences  # noqa: E402
 
 DROPPED_PREFIXES = ("paths.", "hydra.", "hydra/")
 DROPPED_KEYS = {"tracking.uri", "tracking.artifact_location", "trainer.resume"}
@@ -153,16 +154,12 @@ def report(original, rerun, rows: list[dict], out=sys.stdout) -> None:
         a, b = original.data.tags.get(tag, "-"), rerun.data.tags.get(tag, "-")
         note = "" if a == b else "  (differs)"
         print(f"{tag:<24} {a[:32]:<34} {b[:32]:<34}{note}", file=out)
-    diffs = config_differences(original.data.params, rerun.data.params)
+    diffs = config_differences(
+        original.data.params, rerun.data.params, ignore=lambda k: k.startswith(("paths.", "tracking."))
+    )
     print(f"\nconfig keys that differ (paths/tracking not shown): {len(diffs)}", file=out)
     for key, a, b in diffs:
-        print(f"  {key}: {a} -> {b}", file=out)
-
-
-def config_differences(a: dict[str, str], b: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(key, original, rerun) for the logged params that differ, location keys left out."""
-    keys = sorted(k for k in set(a) | set(b) if not k.startswith(("paths.", "tracking.")))
-    return [(k, a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k) != b.get(k)]
+        print(f"  {key}: {'-' if a is None else a} -> {'-' if b is None else b}", file=out)
 
 
 def reproduce(run_id: str, extra: list[str], tracking_uri: str | None, atol: float) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.config.validate import ConfigError
 from pipeline.runs.checkpoint import find_checkpoint, is_locked, load_checkpoint
-from pipeline.tracking.store import flatten
+from pipeline.tracking.store import config_differences, flatten
 from pipeline.training.seeding import capture_rng, restore_rng, set_epoch
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,12 @@ FREE_KEYS = {
 }
 
 
+def _shown(value: str | None) -> str:
+    return "<absent>" if value is None else value
+
+
 def _free(key: str) -> bool:
     return key in FREE_KEYS or key.startswith(FREE_PREFIXES)
-
-
-def config_differences(saved: dict[str, str], current: dict[str, str]) -> list[str]:
-    keys = sorted(k for k in set(saved) | set(current) if not _free(k))
-    missing = "<absent>"
-    return [
-        f"{k}: checkpoint {saved.get(k, missing)}, now {current.get(k, missing)}"
-        for k in keys
-        if saved.get(k, missing) != current.get(k, missing)
-    ]
 
 
 @dataclass
@@ -134,13 +128,14 @@ def open_resume(cfg) -> Resume | None:
             "trainer.resume", target, f"its run is still running (a live process holds {path.parent})"
         )
     resume = Resume(path, load_checkpoint(path))
-    diffs = config_differences(resume.state["config"], flatten(cfg))
+    diffs = config_differences(resume.state["config"], flatten(cfg), ignore=_free)
     if diffs:
         raise ConfigError(
             "trainer.resume",
             target,
             "the checkpoint was trained with another config; pass the original run's overrides "
-            "(its hydra.overrides tag). Differences: " + "; ".join(diffs),
+            "(its hydra.overrides tag). Differences: "
+            + "; ".join(f"{k}: checkpoint {_shown(a)}, now {_shown(b)}" for k, a, b in diffs),
         )
     if resume.epoch >= cfg.trainer.epochs:
         raise ConfigError(

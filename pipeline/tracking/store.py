@@ -18,7 +18,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -150,6 +150,15 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:PARAM_VALUE_MAX]
     return out
+
+
+def config_differences(
+    a: dict[str, str], b: dict[str, str], ignore: Callable[[str], bool] = lambda key: False
+) -> list[tuple[str, str | None, str | None]]:
+    """(key, value in ``a``, value in ``b``) for every key of two flattened configs whose values differ
+    (None where a side lacks the key), sorted by key, the keys ``ignore`` names left out."""
+    keys = sorted(k for k in set(a) | set(b) if not ignore(k))
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 class TrackedRun:
