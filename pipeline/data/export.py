@@ -4,17 +4,11 @@
     exp = export(cfg.source, cfg.storage, data_dir="outputs/data")
     exp.root, exp.spec, exp.labels, exp.reused
 
-The export lives in ``<data_dir>/<source>-<storage>-<fingerprint>/``, where the fingerprint hashes
-the source and storage configs (and the layout version). It is built in a hidden temporary folder
-beside it and renamed into place only when every file and the manifest are written and synced, so a
-folder with that name is always complete. A complete export is reused, never rewritten. An
-inter-process lock per export makes concurrent jobs build it once: the others wait, then reuse it.
-
-Every file's size, mtime and sha256 go into ``files.json`` (see pipeline/integrity.py). Opening an
-export checks them cheaply every time -- a missing, added, resized or re-written file fails with its
-name -- and ``verify=True`` (config ``verify=true``) re-hashes every file. A build that fails (disk
-full, permissions, a kill) leaves no folder under the published name; a killed build's hidden temp
-folder is removed by the next build.
+The export is ``<data_dir>/<source>-<storage>-<fingerprint>/`` (the fingerprint hashes both configs
+and the layout version). It is built in a hidden temporary folder and renamed into place complete and
+synced, under a per-export lock: a folder with that name is always complete, concurrent jobs build it
+once, and a complete export is reused, never rewritten. Its files are checked on every open
+(pipeline/data/integrity.py).
 """
 
 from __future__ import annotations

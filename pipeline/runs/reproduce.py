@@ -4,24 +4,14 @@
     python -m pipeline.runs.reproduce RUN_ID loader.num_workers=2 # extra overrides, applied last
     python -m pipeline.runs.reproduce RUN_ID --tracking-uri sqlite:////abs/outputs/mlflow.db --atol 1e-6
 
-What it does:
-1. reads the run's command-line overrides from its ``hydra/overrides.yaml`` artifact (every job logs
-   its ``.hydra`` folder);
-2. reruns ``python -m pipeline`` with those overrides **against the current project**: overrides that
-   only say where a run lives (``paths.*``, ``hydra.*``, ``tracking.uri``,
-   ``tracking.artifact_location``) and ``trainer.resume`` are dropped -- a resumed run is rerun in
-   one go -- the rerun logs to the same tracking store, and its output dir is
-   ``<paths.outputs>/runs/reproduce-<run id>-<time>-<pid>``; the data is (re)exported here, under this
-   project's ``paths.data_dir``, from the same source config;
-3. tags the new run ``pipeline.reproduces=<original run id>`` and ``pipeline.reproduce_result``;
-4. compares the per-epoch histories of every ``train/*`` and ``val/*`` metric step by step (exactly by
-   default; ``--atol`` allows a tolerance), prints one line per metric, the lineage of both runs
-   (config hash, data content digest, split digest, git commit, versions) and the config keys whose
-   logged values differ, for context.
-
-Timing and memory metrics (``perf/*``, ``memory/*``) are not compared: they never repeat exactly.
-Exit status: 0 all compared metrics match, 1 a metric diverges (or is missing) or the rerun failed,
-2 the run or its overrides could not be found.
+Reruns ``python -m pipeline`` in this project with the overrides of the run's ``hydra/overrides.yaml``
+artifact, less those that say where a run lives (``paths.*``, ``hydra.*``, ``tracking.uri``,
+``tracking.artifact_location``) and ``trainer.resume``, logging to the same store from
+``<paths.outputs>/runs/reproduce-<run id>-<time>-<pid>``; tags the rerun ``pipeline.reproduces`` and
+``pipeline.reproduce_result``; compares every ``train/*`` and ``val/*`` history step by step (exactly,
+or within ``--atol``) and prints them, both runs' lineage and the config keys that differ.
+Exit status: 0 all match, 1 a metric diverges or is missing or the rerun failed, 2 no such run or no
+overrides artifact.
 """
 
 from __future__ import annotations

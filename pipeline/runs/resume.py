@@ -6,17 +6,10 @@
     start_epoch = resume.restore(model, optimizer, train_loader, val_loader)
     state = snapshot(cfg, run_id, model, optimizer, train_loader, val_loader, history)  # -> a checkpoint
 
-The resumed run is a new MLflow run: it is tagged ``pipeline.resumed_from=<original run id>`` and
-``pipeline.resumed_from_epoch``, re-logs the original's per-epoch metrics up to the checkpoint (so its
-history is complete), then trains the remaining epochs. Model, optimizer, every RNG (torch, CUDA,
-numpy, random, both loaders' generators) and the sampler's epoch come back from the checkpoint, so
-the final metrics equal those of an uninterrupted run (bitwise on CPU). The original run gets
-``pipeline.resumed_by``; one a SIGKILL left RUNNING is marked KILLED.
-
-The config must be the original's: keys that cannot change the result (where outputs go, tracking,
-worker settings, memory sampling, progress bars, ``verify``, ``trainer.epochs`` -- more epochs continue
-training) may differ; any other
-difference is refused with the list of differing keys.
+The resumed run is a new MLflow run (``pipeline.resumed_from``) that re-logs the original's epochs, then
+trains the rest from the checkpoint's model, optimizer, RNGs and sampler epoch: its metrics equal an
+uninterrupted run's (bitwise on CPU). The config must be the original's but for the keys that cannot
+change the result (``FREE_KEYS``, ``FREE_PREFIXES``); any other difference is refused, listing the keys.
 """
 
 from __future__ import annotations

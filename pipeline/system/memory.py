@@ -1,4 +1,4 @@
-"""Memory the run really holds, for the main process and its DataLoader workers; budgets.
+"""Memory the run really holds (the main process and its DataLoader workers), sampled, and the budget.
 
     from pipeline.system.memory import MemorySampler, snapshot
     print(snapshot().metrics())              # one reading now: {"used_mb": ..., "uss_workers_mb": ...}
@@ -10,20 +10,9 @@
         rows = mem.drain()                   # samples not handed out yet (to log them in one batch)
     mem.peak, mem.samples, mem.epoch_marks
 
-``used_mb`` is the headline figure: the proportional set size of anonymous and shared memory
-(``Pss_Anon + Pss_Shmem`` from ``/proc/<pid>/smaps_rollup``) summed over the main process and its
-children (DataLoader workers). Summing RSS would count pages that forked workers share once per
-process, and a memory-mapped file's touched pages show up in RSS and USS although the kernel can drop
-them at any time; those mapped file pages are reported apart as ``mapped_file_mb`` (``Pss_File``).
-Also per sample: ``used_main_mb`` / ``used_workers_mb`` (the same split by process kind),
-``uss_main_mb`` / ``uss_workers_mb`` (private pages: what a process would free on exit -- the
-copy-on-read guard watches the workers'), ``rss_main_mb``, ``workers``, the system's
-``system_available_mb`` and ``system_used_mb`` (MemTotal - MemAvailable, what ``free`` shows as
-used), and on a CUDA device ``cuda_allocated_mb`` / ``cuda_reserved_mb``.
-
-The budget is enforced by measurement: every sample compares ``used_mb`` with the budget, and the
-training loop calls ``check()`` on each step (and the job right after building the datasets), which
-raises ``MemoryBudgetExceeded`` naming the budget and the measured figure.
+The headline figure ``used_mb`` is PSS of anonymous and shared memory summed over the process tree
+(``Snapshot`` says what each figure is). The budget is enforced by measurement: every sample compares
+``used_mb`` with it; the training loop calls ``check()`` each step.
 """
 
 from __future__ import annotations
@@ -75,18 +64,22 @@ class MemoryBudgetExceeded(RuntimeError):
 
 @dataclass
 class Snapshot:
+    """One reading. PSS, not RSS: summed RSS would count the pages forked workers share once per process.
+    A memory-mapped file's touched pages show in RSS and USS, but the kernel can drop them at any time:
+    they are ``mapped_file_mb``, apart from ``used_mb``."""
+
     t: float  # wall clock, seconds since the epoch
-    used_mb: float
-    mapped_file_mb: float
+    used_mb: float  # Pss_Anon + Pss_Shmem (/proc/<pid>/smaps_rollup), main process + its children
+    mapped_file_mb: float  # Pss_File: mapped file pages (reclaimable page cache)
     rss_main_mb: float
-    used_main_mb: float
+    used_main_mb: float  # used_mb split by process kind
     used_workers_mb: float
-    uss_main_mb: float
-    uss_workers_mb: float
+    uss_main_mb: float  # private pages (USS): what a process frees on exit
+    uss_workers_mb: float  # the same for the workers (the copy-on-read guard watches it)
     workers: int
-    system_available_mb: float
-    system_used_mb: float
-    cuda_allocated_mb: float | None = None
+    system_available_mb: float  # MemAvailable
+    system_used_mb: float  # MemTotal - MemAvailable: what `free` shows as used
+    cuda_allocated_mb: float | None = None  # on a CUDA device
     cuda_reserved_mb: float | None = None
 
     @property

@@ -4,13 +4,10 @@
     log_series(tracked_run, sampler)        # at each epoch end: new samples in a few log_batch calls
     log_final(tracked_run, sampler, output_dir, step=last_epoch, budget_mb=None)
 
-Series: ``memory/<figure>`` with step = sample index and the sample's own timestamp, for every
-figure of ``pipeline.system.memory.Snapshot`` (``memory/used_mb``, ``memory/mapped_file_mb``,
-``memory/uss_workers_mb``, ``memory/system_available_mb``, ...). Samples are buffered by the sampler
-and logged in batches of up to 1000 metrics, never one call per sample (each MLflow call costs
-~12 ms). At the end: ``memory/peak_<figure>`` and ``memory/min_system_available_mb``, on CUDA
-``memory/peak_cuda_max_allocated_mb`` (the allocator's own peak, which sampling can miss), and the
-artifacts ``memory/memory_timeline.png`` and ``memory/memory_timeline.csv``.
+Series ``memory/<figure>`` (step = sample index, the sample's own timestamp) for every figure of
+``pipeline.system.memory.Snapshot``, logged in batches (an MLflow call costs ~12 ms); at the end
+``memory/peak_<figure>``, ``memory/min_system_available_mb`` and the artifacts
+``memory/memory_timeline.{png,csv}``.
 """
 
 from __future__ import annotations
