@@ -339,6 +339,27 @@ def test_a_killed_worker_surfaces_as_worker_died_naming_it():
     assert "DataLoader worker (pid" in str(info.value.__cause__)  # torch's own error, kept as the cause
 
 
+def test_a_worker_killed_with_batches_queued_is_named_although_reading_them_fails_first():
+    """Reading a batch that a SIGKILLed worker had queued fails (ConnectionResetError: its shared memory
+    can no longer be fetched) usually before the worker's SIGCHLD arrives: the boundary waits for
+    torch's error and names the worker. (Raised here right after the kill, as the loader would.)"""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.training.workers import WorkerDied, worker_deaths_explained
+
+    before = {c.pid for c in psutil.Process().children()}
+    batches = iter(DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=1))
+    next(batches)
+    worker = _worker_of_this_process(before)
+    with pytest.raises(WorkerDied, match=r"DataLoader worker \(pid.*lower loader.num_workers") as info:
+        with worker_deaths_explained():
+            worker.kill()
+            raise ConnectionResetError(104, "Connection reset by peer")
+    assert str(worker.pid) in str(info.value)
+    del batches
+
+
 def test_an_unrelated_error_after_a_handled_worker_death_stays_itself():
     """A worker death that was caught and dealt with must not turn a later, unrelated error into
     WorkerDied (the old recorder did: every later exception was blamed on the dead worker)."""

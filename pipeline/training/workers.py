@@ -9,17 +9,23 @@ killed by signal: ...")`` in the main thread, and a loader waiting for a dead wo
 ``RuntimeError("DataLoader worker (pid(s) N) exited unexpectedly")`` within 5 s. The signal may land
 inside a library that wraps the error in its own type (MLflow's database session does); so at the job
 boundary an exception whose cause/context chain holds torch's worker error becomes a ``WorkerDied``
-that keeps torch's message (the worker's pid) and says what to do. Any other exception passes through
-unchanged -- also one raised after a worker death that was handled.
+that keeps torch's message (the worker's pid) and says what to do. A worker killed with batches still
+queued makes reading them fail first (``ConnectionResetError`` while fetching its shared memory, or
+``EOFError``), before the signal arrives: for those two the boundary waits up to ``VERDICT_WAIT_S`` for
+torch's error. Any other exception passes through unchanged -- also one raised after a worker death
+that was handled.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 from contextlib import contextmanager
 
 TORCH_WORKER_ERROR = "DataLoader worker (pid"  # how torch's dead-worker RuntimeErrors begin
+BROKEN_HANDOVER = (ConnectionError, EOFError)  # a dead worker's queued batch can no longer be read
+VERDICT_WAIT_S = 5.0  # torch's own status check interval
 
 
 class WorkerDied(RuntimeError):
@@ -52,17 +58,34 @@ def explain(err: BaseException) -> WorkerDied | None:
     )
 
 
+def torch_verdict(err: BaseException, seconds: float = VERDICT_WAIT_S) -> BaseException:
+    """Wait (main thread) for torch's SIGCHLD handler to raise its dead-worker error; return that error,
+    or ``err`` when none comes within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    except RuntimeError as late:
+        if torch_worker_error(late) is None:
+            raise
+        return late
+    return err
+
+
 @contextmanager
 def worker_deaths_explained():
     """Inside: an exception whose chain holds torch's dead-worker error leaves as a WorkerDied."""
     try:
         yield
     except Exception as err:
-        clear = explain(err)
+        found = err
+        if explain(err) is None and isinstance(err, BROKEN_HANDOVER):
+            found = torch_verdict(err)
+        clear = explain(found)
         if clear is None or clear is err:
             raise
         # drop the frames' references to the dead loader's iterator so it shuts down now, and the
         # job's other loaders with their workers
         traceback.clear_frames(err.__traceback__)
         gc.collect()
-        raise clear from err
+        raise clear from found
