@@ -94,9 +94,9 @@ def sqlite_uri(root: Path) -> str:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, mlflow_template):
     """A real ``mlflow server`` on 127.0.0.1 (SQLite + artifacts under tmp_path/server); yields its URL."""
     from tests.mlflow_server import serve
 
-    with serve(tmp_path / "server") as url:
+    with serve(tmp_path / "server", template=mlflow_template) as url:
         yield url

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +27,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(store: Path, start_timeout: float = 180):
-    """``mlflow server`` with a SQLite backend and an artifact folder under ``store``; yields its URL."""
+def serve(store: Path, start_timeout: float = 180, template: Path | None = None):
+    """``mlflow server`` with a SQLite backend and an artifact folder under ``store``; yields its URL.
+    ``template``: an empty migrated store to start from (conftest.py's ``mlflow_template``)."""
     store.mkdir(parents=True, exist_ok=True)
+    if template is not None:
+        shutil.copyfile(template, store / "mlflow.db")
     port = free_port()
     log = open(store / "server.log", "w")
     proc = subprocess.Popen(

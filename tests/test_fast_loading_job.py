@@ -1,4 +1,4 @@
-"""Training end to end on the fast formats, with and without in-process prefetch, and a format sweep."""
+"""Training end to end on the fast formats, with and without in-process prefetch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.job import run
-from tests.conftest import compose_cfg, run_cli, sqlite_uri
+from tests.conftest import compose_cfg, sqlite_uri
 
 
 @pytest.mark.parametrize(
@@ -29,16 +29,3 @@ def test_training_runs_on_fast_formats(tmp_path, overrides):
     (run_info,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run_info.info.status == "FINISHED"
     assert run_info.data.params["storage.name"] == cfg.storage.name
-
-
-@pytest.mark.slow
-def test_multirun_over_storage_formats(tmp_path):
-    proc = run_cli(tmp_path, "-m", "storage=pt,memmap,shards", "trainer.epochs=1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(sqlite_uri(tmp_path))
-    runs = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    children = [r for r in runs if r.data.tags.get("pipeline.role") == "job"]
-    assert sorted(r.data.params["storage.name"] for r in children) == ["memmap", "pt", "shards"]
-    assert all(r.info.status == "FINISHED" for r in runs)
-    # same split, same data, different storage: every job saw every train sample
-    assert len({r.data.metrics["train/samples_seen"] for r in children}) == 1

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.data.partition import load_split
 from tests.conftest import compose_cfg, run_cli, sqlite_uri
+from tests.test_plots import PLOTS, _not_blank, _png
 
 EPOCH_METRICS = [
     "train/loss",
@@ -69,6 +70,13 @@ def test_default_job_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert {"hydra", "split.npz", "data"} <= artifacts
     hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
     assert {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"} <= hydra_files
+    # its plots, drawn, and the job's whole log
+    assert PLOTS <= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    local = client.download_artifacts(run.info.run_id, "plots", str(tmp_path / "down"))
+    for name in PLOTS:
+        _not_blank(_png(f"{local}/{name.split('/')[1]}"))
+    log_text = open(client.download_artifacts(run.info.run_id, "cli.log", str(tmp_path / "down"))).read()
+    assert f"MLflow: run {run.info.run_id}" in log_text and "epoch 2/2  train loss" in log_text
 
     # the rerun reused the export and reproduced the split and the metrics
     assert (runs[0].data.tags["data.reused"], runs[1].data.tags["data.reused"]) == ("false", "true")

@@ -1,16 +1,15 @@
-"""Run plots: drawn from real exports and real predictions, logged as artifacts of every CLI run."""
+"""Run plots: drawn from real exports and real predictions (a CLI run logs them: test_job.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.data.export import export
 from pipeline.tracking import plots
-from tests.conftest import compose_cfg, run_cli, sqlite_uri
+from tests.conftest import compose_cfg
 
 PLOTS = {"plots/samples.png", "plots/loss.png", "plots/accuracy.png", "plots/confusion_matrix.png"}
 
@@ -76,18 +75,3 @@ def test_predict_matches_the_model():
     y_true, y_pred = plots.predict(model, loader, torch.device("cpu"))
     assert y_true.tolist() == [i % 3 for i in range(10)]
     assert y_pred.tolist() == model(x).argmax(1).tolist()
-
-
-@pytest.mark.slow
-def test_every_cli_run_logs_its_plots(tmp_path):
-    proc = run_cli(tmp_path, "trainer.epochs=2", "storage=npy")
-    assert proc.returncode == 0, proc.stderr
-    client = MlflowClient(sqlite_uri(tmp_path))
-    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    run_id = run.info.run_id
-    assert PLOTS <= {a.path for a in client.list_artifacts(run_id, "plots")}
-    local = client.download_artifacts(run_id, "plots", str(tmp_path / "down"))
-    for name in PLOTS:
-        _not_blank(_png(f"{local}/{name.split('/')[1]}"))
-    log_text = open(client.download_artifacts(run_id, "cli.log", str(tmp_path / "down"))).read()
-    assert f"MLflow: run {run_id}" in log_text and "epoch 2/2  train loss" in log_text

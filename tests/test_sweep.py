@@ -86,21 +86,6 @@ def _check_report(root: Path, proc, n_children: int) -> tuple:
     return parent, children, rows
 
 
-@pytest.mark.slow  # the default suite checks the report on test_multirun.py's 2x2 sweep
-def test_multirun_writes_report_to_parent_run(tmp_path):
-    proc = run_cli(tmp_path, "-m", *TINY, "loader.batch_size=32,128")
-    parent, children, rows = _check_report(tmp_path, proc, 2)
-    assert {r["loader.batch_size"] for r in rows} == {"32", "128"}  # the swept key is a column
-    assert "trainer.epochs" not in rows[0]  # a key common to every job is not
-    fastest = max(children, key=lambda c: c.data.metrics["perf/train_samples_per_s"])
-    assert (
-        parent.data.tags["sweep.best_config"]
-        == f"loader.batch_size={fastest.data.params['loader.batch_size']}"
-    )
-    # the parent's id reached the jobs through the sweep dir too
-    assert (_sweep_dir(tmp_path) / ".mlflow_parent_run_id").read_text().strip() == parent.info.run_id
-
-
 @pytest.mark.slow
 def test_failed_job_marks_parent_failed_and_still_reports(tmp_path):
     # the second job is rejected by validation (batch larger than the train set with drop_last)

@@ -35,9 +35,9 @@ def _post(url: str, path: str, body: dict) -> dict:
 pytestmark = [pytest.mark.slow, pytest.mark.fresh_store]
 
 
-def test_multirun_against_a_tracking_server(tmp_path):
+def test_multirun_against_a_tracking_server(tmp_path, mlflow_template):
     store = tmp_path / "server"
-    with serve(store) as url:
+    with serve(store, template=mlflow_template) as url:
         _multirun_and_read_back(tmp_path, url)
     pgid = int((store / "server.pid").read_text())
     with pytest.raises(ProcessLookupError):
