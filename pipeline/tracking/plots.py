@@ -25,10 +25,10 @@ MAX_CLASSES = 30
 GRID = 16
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
 
 
 def _save(fig, path) -> Path:
@@ -85,7 +85,10 @@ def sample_grid(exp, path, n: int = GRID) -> Path:
     ds = exp.dataset(ids)
     cols = min(len(ids), 8)
     rows = -(-len(ids) // cols)
-    fig = _figure(1.6 * cols, 1.8 * rows + 0.4)
+    # a fixed grid (constrained layout would double the cost: this plot is drawn for every run)
+    height = 1.8 * rows + 0.4
+    fig = _figure(1.6 * cols, height, layout=None)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.55 / height, wspace=0.1, hspace=0.35)
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     names = exp.spec.class_names
     for ax, i in zip(axes, range(len(ids))):
