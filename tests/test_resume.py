@@ -102,7 +102,8 @@ def _cli(root: Path, run_dir: str, *overrides: str) -> subprocess.Popen:
 def test_sigkill_after_epoch_2_of_4_then_resume_matches_uninterrupted(tmp_path):
     from pipeline.tracking.store import prepare_store
 
-    prepare_store(sqlite_uri(tmp_path), "pipeline")  # one process creates the store, before the jobs
+    # the experiment made once, before the two jobs start, with the artifact folder a job would give it
+    prepare_store(sqlite_uri(tmp_path), "pipeline", str(tmp_path / "outputs" / "mlartifacts"))
     overrides = ("trainer.epochs=4", "trainer.keep_checkpoints=0")
     straight = _cli(tmp_path, "straight", *overrides)
     victim = _cli(tmp_path, "victim", *overrides)
