@@ -293,8 +293,8 @@ class BenchConfig:
 
 def register_configs() -> None:
     """base_config, and a base_* per option schema of the groups whose option picks a schema (source,
-    storage, model). The other groups (split, loader, transform, trainer, tracking, paths) have one
-    schema each, which ``Config``'s fields already give them: their options name no base."""
+    storage, model). ``Config``'s fields type the rest: transform's options name no base, and split,
+    loader, trainer, tracking and paths have no options, only keys."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, name, node in [
