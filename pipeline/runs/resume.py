@@ -8,7 +8,9 @@
 
 The resumed run is a new MLflow run (``pipeline.resumed_from``) that re-logs the original's epochs, then
 trains the rest from the checkpoint's model, optimizer, RNGs and sampler epoch: its metrics equal an
-uninterrupted run's (bitwise on CPU). The config must be the original's but for the keys that cannot
+uninterrupted run's (bitwise on CPU). The original gets ``pipeline.resumed_by``; one a SIGKILL left
+RUNNING (and the reaper, pipeline/tracking/reaper.py, has not ended yet: the job's start usually has) is
+ended KILLED the reaper's way, with its tags. The config must be the original's but for the keys that cannot
 change the result (``FREE_KEYS``, ``FREE_PREFIXES``); any other difference is refused, listing the keys.
 """
 
@@ -26,7 +28,7 @@ from pipeline.training.seeding import capture_rng, restore_rng, set_epoch
 log = logging.getLogger(__name__)
 
 # keys that may differ between the original and the resumed run
-FREE_PREFIXES = ("paths.", "tracking.")
+FREE_PREFIXES = ("paths.", "tracking.", "progress.")
 FREE_KEYS = {
     "trainer.resume",
     "trainer.epochs",
@@ -91,9 +93,14 @@ class Resume:
             log.warning("resume: original run %s not found in this store (%s)", self.run_id, err)
             return
         tr.client.set_tag(self.run_id, "pipeline.resumed_by", tr.run_id)
-        if original.info.status == "RUNNING":
-            tr.client.set_tag(self.run_id, "error", "interrupted: no exit status (killed); resumed")
-            tr.client.set_terminated(self.run_id, status="KILLED")
+        if original.info.status == "RUNNING":  # not ended yet by the reaper (tracking.reap=false, ...)
+            from pipeline.tracking.reaper import end_killed
+
+            reason = (
+                f"process gone: no exit status (killed); no live process holds {self.path.parent}; "
+                f"resumed by run {tr.run_id}"
+            )
+            end_killed(tr.client, original, reason)  # the reaper's tags: pipeline.reaped, _at, _by, error
             log.info("resume: marked the interrupted run %s KILLED", self.run_id)
 
     def restore(self, model, optimizer, train_loader, val_loader) -> int:
