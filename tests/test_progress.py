@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
 import textwrap
+import threading
+import time
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline import progress
 from pipeline.config.validate import ConfigError, validate
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, run_cli, sqlite_uri
 
 BAR = "%|"  # tqdm draws "NN%|####  |"
 
@@ -88,7 +94,7 @@ def test_switch_values():
 
 
 def test_off_returns_the_iterable_itself():
-    progress.configure("false")
+    progress.configure({"bars": "false", "log_every_s": 0})  # no bars, no log lines
     items = [1, 2, 3]
     assert progress.track(items, total=3) is items
 
@@ -141,3 +147,151 @@ def test_cli_shows_export_and_epoch_bars_in_a_terminal(tmp_path):
     out = run_in_terminal(args, tmp_path, _env(PIPELINE_ROOT=str(tmp_path)), timeout=300)
     assert "export:" in out and "epoch 1/2:" in out and "epoch 2/2:" in out and BAR in out
     assert "epoch 2/2  train loss" in out  # log lines still there, printed above the bars
+
+
+# ------------------------------------------------------------------------------------------------
+# Log lines where bars are off
+# ------------------------------------------------------------------------------------------------
+
+EPOCH_LINE = re.compile(
+    r"epoch 1/1: (\d+)/(\d+) batches \(\d+%\), (\d+) samples, \d+ samples/s, "
+    r"data wait ([\d.]+) s \((\d+)%\), ETA \d+(?: s|m\d\ds)"
+)
+EXPORT_LINE = re.compile(r"export: (\d+)/200 samples \(\d+%\), \d+ samples/s, [\d.]+ MB/s, ETA \d+ s")
+
+
+class SlowSamples(torch.utils.data.Dataset):
+    """A real map-style dataset whose every sample takes ``delay`` seconds to read."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return torch.zeros(2), i % 3
+
+
+def _progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+
+
+def test_a_long_epoch_logs_lines_with_batches_rate_data_wait_and_eta(caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    progress.configure({"bars": "false", "log_every_s": 0.1})
+    loader = torch.utils.data.DataLoader(SlowSamples(40, 0.01), batch_size=4)
+    assert sum(len(y) for _, y in progress.batches(loader, "epoch 1/1")) == 40
+    lines = _progress_lines(caplog)
+    assert lines, "no progress line in a 0.4 s loop logging every 0.1 s"
+    for line in lines:
+        m = EPOCH_LINE.fullmatch(line)
+        assert m, line
+        done, total, samples, _, wait_pct = map(float, m.groups())
+        assert total == 10 and 0 <= done <= 10 and samples == 4 * done  # logged while the loop ran
+        assert wait_pct >= 50  # the loop did nothing but wait for its slow samples
+    assert not [t for t in threading.enumerate() if t.name.startswith("progress ")]  # the logger stopped
+
+
+def test_a_long_export_logs_samples_rate_and_mb_per_s(caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    progress.configure({"bars": "false", "log_every_s": 0.1})
+
+    def chunks():
+        for _ in range(20):
+            time.sleep(0.02)
+            yield np.zeros((10, 4), np.float32), np.zeros(10)
+
+    assert sum(len(y) for _, y in progress.samples(chunks(), 200, "export", sample_bytes=16)) == 200
+    lines = _progress_lines(caplog)
+    assert lines and all(EXPORT_LINE.fullmatch(line) for line in lines), lines
+
+
+def test_a_short_loop_logs_nothing_extra_and_zero_turns_lines_off(caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    progress.configure({"bars": "false", "log_every_s": 30})
+    loader = torch.utils.data.DataLoader(SlowSamples(8, 0.0), batch_size=4)
+    assert sum(len(y) for _, y in progress.batches(loader, "epoch 1/1")) == 8
+    progress.configure({"bars": "false", "log_every_s": 0})
+    assert progress.batches(loader, "epoch 1/1") is loader  # no wrapper, no cost
+    assert _progress_lines(caplog) == []
+
+
+def test_progress_node_and_the_old_scalar_form_compose_and_validate(tmp_path):
+    for overrides, bars, every in (
+        ([], "auto", 30.0),
+        (["progress=false"], "false", 30.0),  # the old switch still works on the command line
+        (["progress.bars=true", "progress.log_every_s=5"], "true", 5.0),
+    ):
+        cfg = compose_cfg(tmp_path, overrides)
+        validate(cfg)
+        progress.configure(cfg.progress)
+        assert (progress._setting, progress.log_every_s()) == (bars, every)
+    with pytest.raises(ConfigError, match=r"progress.log_every_s=-1"):
+        validate(compose_cfg(tmp_path, ["progress.log_every_s=-1"]))
+    with pytest.raises(ConfigError, match=r"progress.bars='maybe'"):
+        validate(compose_cfg(tmp_path, ["progress.bars=maybe"]))
+
+
+def test_a_job_logs_progress_lines_during_its_epoch(tmp_path, caplog):
+    from tests.run_helpers import run_job
+
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    run_job(
+        tmp_path,
+        ["trainer.epochs=1", "loader.batch_size=8", "progress.bars=false", "progress.log_every_s=0.1"],
+    )
+    lines = [m for m in map(EPOCH_LINE.fullmatch, _progress_lines(caplog)) if m]
+    assert lines, _progress_lines(caplog)
+    assert all(int(m.group(1)) < int(m.group(2)) == 180 for m in lines)  # mid-epoch: 1437 samples / 8
+
+
+@pytest.mark.slow
+def test_cli_job_with_an_epoch_over_40_s_logs_progress_at_the_default_interval(tmp_path):
+    """stdout piped (not a terminal), the default ``progress.log_every_s`` (30 s), one epoch sized from
+    this machine's measured speed to last about a minute."""
+    from pipeline import api
+    from pipeline.config.schema import ProgressConfig
+
+    probe = api.compose_config(
+        [
+            f"paths.root={tmp_path}/probe",
+            "source=synthetic",
+            "source.num_samples=3000",
+            "source.shape=[8]",
+            "loader.batch_size=1",
+            "model.hidden=[32]",
+            "trainer.epochs=1",
+            "progress.bars=false",
+        ],
+        output_dir=tmp_path / "probe" / "run",
+    )
+    exp = api.export_data(probe)
+    train, val = api.make_loaders(probe, exp, api.split_data(probe, exp))
+    rate = api.train(probe, api.make_model(probe, exp), train, val)[-1]["perf/train_samples_per_s"]
+    n = int(60 * rate / 0.8)  # train samples for ~60 s at the measured rate
+    args = [
+        "source=synthetic",
+        f"source.num_samples={n}",
+        "source.shape=[8]",
+        "loader.batch_size=1",
+        "model.hidden=[32]",
+        "trainer.epochs=1",
+        "tracking.log_model=false",
+    ]
+    proc = run_cli(tmp_path, *args, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    lines = [m for m in map(EPOCH_LINE.search, text.splitlines()) if m]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
+    epoch_s = run.data.metrics["perf/epoch_seconds"]
+    assert epoch_s > 40, (
+        f"the epoch lasted {epoch_s:.0f} s (measured rate {rate:.0f}/s); the test needs > 40 s"
+    )
+    assert ProgressConfig.log_every_s == 30
+    assert 1 <= len(lines) <= epoch_s / 30 + 1, text[-3000:]
+    assert all(int(m.group(1)) < int(m.group(2)) for m in lines)  # logged during the epoch

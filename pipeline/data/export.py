@@ -241,7 +241,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
     writer = get_format(storage_cfg.name).Writer(tmp, spec, storage_cfg)
     labels = np.empty(spec.num_samples, dtype=np.int64)
     digest = hashlib.sha256()
-    done, next_report = 0, 0.1
+    done = 0
     log.info(
         "export: writing %d samples of %s %s to %s",
         spec.num_samples,
@@ -249,7 +249,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         spec.dtype,
         tmp.parent / name,
     )
-    for x, y in progress.samples(source.chunks(), spec.num_samples, "export"):
+    for x, y in progress.samples(source.chunks(), spec.num_samples, "export", spec.sample_bytes):
         if spec.dtype == "uint8":
             x = quantize.encode(x, divisor, first_id=done)  # refuses a value that would not round-trip
         x = np.ascontiguousarray(x, dtype=spec.dtype)
@@ -264,16 +264,6 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         digest.update(x.tobytes())
         digest.update(np.asarray(y, dtype=np.int64).tobytes())
         done += len(y)
-        if done >= next_report * spec.num_samples:
-            secs = time.perf_counter() - t0
-            log.info(
-                "export: %d/%d samples (%.0f%%), %.1f MB/s",
-                done,
-                spec.num_samples,
-                100 * done / spec.num_samples,
-                done * spec.sample_bytes / 1e6 / max(secs, 1e-9),
-            )
-            next_report += 0.1
     writer.close()
     if done != spec.num_samples:
         raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
