@@ -128,3 +128,65 @@ def test_run_page_shows_params_metrics_and_plots(tmp_path, mlflow_server):
         assert re.search(rf'<img alt="plots/{re.escape(name)}" src="blob:', dom), name
     _screenshot(tmp_path, f"{run_page}/artifacts/plots/loss.png", "artifact_loss.png")
     _screenshot(tmp_path, f"{run_page}/artifacts/plots/samples.png", "artifact_samples.png")
+
+
+def test_experiment_sweep_and_dataset_pages_read_well(tmp_path, mlflow_server):
+    """A 2x2 sweep logged to the server: the experiment link the sweep prints opens on model-training
+    runs; the parent's overview shows the report table (best first) and its children by distinct names;
+    a child's page lists the export as its train/val dataset inputs."""
+    from pipeline.tracking.dataset_input import DIGEST_CHARS
+    from pipeline.tracking.store import ui_url
+
+    proc = run_cli(
+        tmp_path,
+        "-m",
+        "loader.batch_size=32,64",
+        "loader.num_workers=0,2",
+        "trainer.epochs=1",
+        "tracking.log_model=false",
+        f"tracking.uri={mlflow_server}",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("pipeline")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["pipeline.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["pipeline.role"] == "job"]
+    names = sorted(c.info.run_name for c in children)
+    assert names == ["bs=32 workers=0", "bs=32 workers=2", "bs=64 workers=0", "bs=64 workers=2"]
+
+    # the experiment, as the link the sweep prints opens it: its runs in the model-training view
+    exp_page, parent_page = re.search(r"MLflow UI: (\S+) \(the sweep: (\S+)\)", proc.stdout).groups()
+    assert exp_page == ui_url(mlflow_server, exp.experiment_id)
+    assert exp_page == f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    text = _page_text(_dump_until(tmp_path, exp_page, [parent.info.run_name, "Dataset"]))
+    assert text.lstrip().startswith(f"Runs - Experiment {exp.experiment_id}")
+    assert "Model registry" in text and "Token Usage" not in text  # model training, not GenAI traces
+    _screenshot(tmp_path, exp_page, "experiment_runs.png")
+
+    # the sweep's parent: its report table as the description, best first, and its children's names
+    wanted = ["<table>", "Child runs", *names]
+    dom = _dump_until(tmp_path, parent_page, wanted)
+    table = re.search(r"<table>.*?</table>", dom, re.S).group(0)
+    cells = [_page_text(c).strip() for c in re.findall(r"<td>(.*?)</td>", table, re.S)]
+    ranked = sorted(children, key=lambda c: -c.data.metrics["perf/train_samples_per_s"])
+    assert cells[0] == ranked[0].info.run_name and set(cells) >= set(names)
+    text = _page_text(dom)
+    best = rf"Best \(highest\s*perf/train_samples_per_s\s*\):\s*{re.escape(ranked[0].info.run_name)} ="
+    assert re.search(best, text), text[:3000]
+    listed = re.search(r"Child runs (.*?) Source", text).group(1)
+    assert sorted(n.strip() for n in listed.split(",")) == names  # four distinct names
+    _screenshot(tmp_path, parent_page, "sweep_parent_overview.png")
+
+    # a child's page: the export as its dataset inputs (name, content digest, context)
+    child = ranked[0]
+    export = child.data.tags["data.dir"].rsplit("/", 1)[-1]
+    digest = child.data.tags["data.content_sha256"][:DIGEST_CHARS]
+    page = ui_url(mlflow_server, exp.experiment_id, child.info.run_id)
+    text = _page_text(_dump_until(tmp_path, page, [f"{export}/train"]))
+    assert re.search(rf"Datasets {re.escape(export)}/(train|val) \({digest}\) (train|val) \+1", text), text[
+        :3000
+    ]
+    _screenshot(tmp_path, page, "run_dataset_inputs.png")

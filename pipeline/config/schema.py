@@ -235,6 +235,9 @@ class TrackingConfig:
     artifact_location: Optional[str] = "${paths.outputs}/mlartifacts"  # when a local store creates it
     run_name: Optional[str] = None
     log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
+    heartbeat_s: float = 30.0  # how often a running job rewrites its run's pipeline.heartbeat tag
+    reap: bool = True  # at start, end KILLED the experiment's RUNNING runs whose process is dead
+    stale_after_s: float = 300.0  # a run from another host is dead once its heartbeat is this old
 
 
 @dataclass
@@ -243,6 +246,16 @@ class PathsConfig:
     outputs: str = "${paths.root}/outputs"
     data_dir: str = "${paths.outputs}/data"  # exports, shared by every run
     output_dir: str = "${hydra:runtime.output_dir}"  # this run's folder
+
+
+@dataclass
+class ProgressConfig:
+    """``progress=auto|true|false`` on the command line still sets ``bars`` alone (pipeline/progress.py)."""
+
+    bars: str = "auto"  # progress bars: auto (interactive terminal, not CI/multirun) | true | false
+    log_every_s: float = (
+        30.0  # where bars are off: one log line per this many seconds of a long phase; 0 = none
+    )
 
 
 @dataclass
@@ -258,7 +271,8 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     objective: str = "val/accuracy"  # the final-epoch metric the job returns to Hydra sweepers
     verify: bool = False  # re-hash every exported file before training (the size/mtime check always runs)
-    progress: str = "auto"  # progress bars: auto (interactive terminal, not CI/multirun) | true | false
+    # Any: ``progress=false`` (a scalar) replaces the node and means progress.bars=false
+    progress: Any = field(default_factory=ProgressConfig)
 
 
 @dataclass
@@ -288,7 +302,7 @@ class BenchConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     bench: BenchOptions = field(default_factory=BenchOptions)
-    progress: str = "auto"  # progress bars (exports): auto | true | false
+    progress: Any = field(default_factory=ProgressConfig)  # exports: bars or log lines
 
 
 def register_configs() -> None:

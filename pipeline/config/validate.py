@@ -116,7 +116,7 @@ def validate(cfg: DictConfig) -> None:
 
     _check_transform(cfg)
 
-    _check(str(cfg.progress).lower() in TRISTATE, "progress", cfg.progress, f"one of {TRISTATE}")
+    _check_progress(cfg)
 
     ratio = cfg.split.ratio
     _check(0.0 < ratio < 1.0, "split.ratio", ratio, "must be strictly between 0 and 1, e.g. 0.8")
@@ -183,6 +183,7 @@ def validate(cfg: DictConfig) -> None:
                 "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
             )
     _check(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "must be in [0, 1)")
+    _check_tracking(cfg.tracking)
     for key in ("uri", "experiment"):
         value = cfg.tracking[key]
         _check(
@@ -235,6 +236,33 @@ def _check_transform(cfg: DictConfig) -> None:
             f"flip and crop need images, [H, W] or [H, W, C]; source.shape={shape} is not one "
             "(use transform=none or transform=normalize)",
         )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_progress(cfg: DictConfig) -> None:
+    node = cfg.progress
+    if not OmegaConf.is_config(node):  # progress=auto|true|false: the bars switch alone
+        _check(str(node).lower() in TRISTATE, "progress", node, f"one of {TRISTATE} (or set progress.bars)")
+        return
+    _check(str(node.bars).lower() in TRISTATE, "progress.bars", node.bars, f"one of {TRISTATE}")
+    every = node.log_every_s
+    _check(_is_number(every) and every >= 0, "progress.log_every_s", every, "seconds >= 0 (0: no lines)")
+
+
+def _check_tracking(tracking: DictConfig) -> None:
+    beat = tracking.heartbeat_s
+    _check(_is_number(beat) and beat > 0, "tracking.heartbeat_s", beat, "seconds > 0, e.g. 30")
+    stale = tracking.stale_after_s
+    _check(
+        _is_number(stale) and stale >= 2 * beat,
+        "tracking.stale_after_s",
+        stale,
+        f"seconds >= 2 x tracking.heartbeat_s ({2 * beat:g}), e.g. 300: a run whose heartbeat is older "
+        "is taken for dead",
+    )
 
 
 def _check_memory(trainer: DictConfig) -> None:

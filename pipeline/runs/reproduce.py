@@ -73,8 +73,15 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+def default_tracking() -> tuple[str, str]:
+    """The store and experiment a job without overrides uses: ``$MLFLOW_TRACKING_URI``, else the project's
+    SQLite store under ``outputs/`` (conf/ and pipeline/config/resolvers.py decide)."""
+    tracking = _compose([]).tracking
+    return str(tracking.uri), str(tracking.experiment)
+
+
 def default_tracking_uri() -> str:
-    return str(_compose([]).tracking.uri)
+    return default_tracking()[0]
 
 
 def fetch_overrides(client, run_id: str) -> list[str]:

@@ -11,7 +11,8 @@
 Under torchrun only rank 0 has an MLflow run; the other ranks record into ``NoRun`` (nothing), but
 still sample memory and enforce the budget. Leaving the block ends the run FINISHED, FAILED (an
 exception; its ``error`` tag says why) or KILLED (Ctrl-C, SIGTERM), after the memory figures and the
-job's log file are logged -- also for a run that failed.
+job's log file are logged -- also for a run that failed. Before its run starts, the job ends the runs
+that dead processes left RUNNING (reaper.py); while it runs, a thread keeps its heartbeat (heartbeat.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class JobRecorder:
         self.memory = MemorySampler(cfg.trainer.memory_interval_s, cfg.trainer.memory_budget_mb)
         self.tr = None
         self.run_id: str | None = None
+        self.heartbeat = None
 
     # ---- the run ----
 
@@ -53,20 +55,29 @@ class JobRecorder:
         if not distributed.is_rank0():  # one MLflow run per training: rank 0's
             self.tr = distributed.NoRun()
             return self
+        from pipeline.tracking.heartbeat import Heartbeat, process_tags
         from pipeline.tracking.lineage import lineage_tags
-        from pipeline.tracking.store import TrackedRun, flatten, prepare_store
-        from pipeline.tracking.sweep import sweep_parent_run_id
+        from pipeline.tracking.reaper import reap_quietly
+        from pipeline.tracking.store import TrackedRun, flatten, prepare_store, ui_url
+        from pipeline.tracking.sweep import child_run_name, sweep_parent_run_id
 
         cfg = self.cfg
         experiment_id = prepare_store(
             cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location
         )
+        if cfg.tracking.reap:  # runs that dead processes left RUNNING: ended KILLED, saying why
+            reap_quietly(cfg.tracking.uri, experiment_id, cfg.tracking.stale_after_s)
         tags = {"pipeline.role": "job", "hydra.overrides": _hydra_overrides(), **lineage_tags(cfg)}
-        self.tr = TrackedRun(cfg.tracking.uri, experiment_id, run_name(cfg), sweep_parent_run_id(), tags)
+        tags.update(process_tags(cfg.tracking.heartbeat_s))  # host, pid, first heartbeat
+        parent = sweep_parent_run_id()
+        name = child_run_name(cfg, parent, tags["hydra.overrides"]) if parent else None
+        self.tr = TrackedRun(cfg.tracking.uri, experiment_id, name or run_name(cfg), parent, tags)
         self.tr.start()
         self.run_id = self.tr.run_id
         try:
             log.info("MLflow: run %s in %s", self.tr.run_id, cfg.tracking.uri)
+            if ui_url(cfg.tracking.uri, experiment_id):
+                log.info("MLflow UI: %s", ui_url(cfg.tracking.uri, experiment_id, self.tr.run_id))
             if self.resume is not None:
                 self.resume.link(self.tr)
             self.tr.log_params(flatten(cfg))
@@ -74,6 +85,7 @@ class JobRecorder:
         except BaseException as err:
             self.tr.__exit__(type(err), err, err.__traceback__)
             raise
+        self.heartbeat = Heartbeat(cfg.tracking.uri, self.tr.run_id, cfg.tracking.heartbeat_s).start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -90,6 +102,8 @@ class JobRecorder:
             for logfile in self.output_dir.glob("*.log"):
                 self.tr.log_artifact(logfile)
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()  # no beat after the run has ended
             self.tr.__exit__(exc_type, exc, tb)
 
     # ---- the stages ----
@@ -110,7 +124,9 @@ class JobRecorder:
     def split(self, exp, split) -> None:
         from pipeline.data.partition import save_split
         from pipeline.tracking import plots
+        from pipeline.tracking.dataset_input import log_export_inputs
 
+        log_export_inputs(self.tr, exp, split)  # the Dataset column: the export, train and val
         self.tr.log_artifact(save_split(split, self.output_dir / "split.npz"))
         self.tr.log_artifact(plots.sample_grid(exp, self.output_dir / "plots" / "samples.png"), "plots")
         self.tr.set_tags({"split.digest": split.digest, "split.stratified": str(split.stratified).lower()})

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 PARAM_VALUE_MAX = 6000
 BATCH = 100
+# MLflow 3's experiment type: the UI opens a "custom_model_development" experiment on its runs (the
+# values are in the UI's ExperimentKind; "genai_development" opens on traces)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingError(RuntimeError):
@@ -67,7 +70,8 @@ def _quick_http():
 
 
 def prepare_store(uri: str, experiment: str, artifact_location: str | None = None) -> str:
-    """Create the store and the experiment if needed; return the experiment id.
+    """Create the store and the experiment if needed; return the experiment id. An experiment without
+    an ``mlflow.experimentKind`` tag is marked as model training (``EXPERIMENT_KIND``).
 
     Fails at once (seconds, even for a dead HTTP server), naming the URI, when the store cannot be
     reached or written: the check writes an experiment tag and, for local artifact folders, a file.
@@ -79,7 +83,10 @@ def prepare_store(uri: str, experiment: str, artifact_location: str | None = Non
             exp_id = _get_or_create(uri, experiment, artifact_location)
             client = client_for(uri)
             client.set_experiment_tag(exp_id, "pipeline.store_checked", time.strftime("%Y-%m-%dT%H:%M:%S"))
-            _check_artifact_dir(client.get_experiment(exp_id).artifact_location)
+            exp = client.get_experiment(exp_id)
+            if EXPERIMENT_KIND[0] not in exp.tags:  # a kind chosen in the UI is kept
+                client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
+            _check_artifact_dir(exp.artifact_location)
             return exp_id
     except TrackingError:
         raise
@@ -137,6 +144,17 @@ def _get_or_create(uri: str, experiment: str, artifact_location: str | None) -> 
             "tracking.experiment to another name"
         )
     return exp.experiment_id
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI page of an experiment's runs (or of one run) on a tracking server; None for a local
+    store. ``workflowType=machine_learning`` opens MLflow 3.17's UI in its model-training view: its
+    GenAI / Model training switch is a per-browser setting that starts on GenAI (Overview: traces,
+    token usage) whatever the experiment's kind tag says."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    page = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}{'/' + run_id if run_id else ''}?workflowType=machine_learning"
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:

@@ -7,8 +7,9 @@
 
 ``SweepCallback`` (pipeline/tracking.py) calls ``publish_report`` when a multirun ends: it writes the
 files to ``<sweep dir>/report/``, logs them to the sweep's parent run under ``report/``, tags the
-parent with the best configuration (``sweep.best_config``, ``sweep.best_run_id``, ...) and prints the
-table.
+parent with the best configuration (``sweep.best_config``, ``sweep.best_run_id``, ...), makes the
+table, best configuration on top, the parent's description (``mlflow.note.content``: the MLflow UI
+shows it on the run's overview) and prints the table.
 
 One row per child run: the overrides that differ between children, then its final-epoch
 ``perf/train_samples_per_s``, ``perf/epoch_seconds``, ``perf/data_wait_fraction``, ``val/accuracy``
@@ -41,6 +42,7 @@ METRICS = {
 AXES = {"batch_size": "loader.batch_size", "num_workers": "loader.num_workers", "storage": "storage.name"}
 LOWER_IS_BETTER = ("seconds", "loss", "wait", "memory/", "_mb")
 CSV_NAME, MD_NAME = "sweep_report.csv", "sweep_report.md"
+NOTE_TAG, NOTE_MAX = "mlflow.note.content", 8000  # MLflow's longest tag value
 THROUGHPUT_PNG, MEMORY_PNG = "throughput_vs_batch_size.png", "peak_memory_vs_workers.png"
 WORKERS_PNG = "throughput_vs_workers.png"
 THROUGHPUT = "perf/train_samples_per_s"
@@ -128,20 +130,45 @@ class Report:
             lines.append(f"| {storage} | {bs} | " + " | ".join(row) + " |")
         return [*lines, ""]
 
-    def markdown(self) -> str:
+    def table(self, max_rows: int | None = None) -> list[str]:
         head = self.header()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in self.records()]
+        records = self.records()
+        lines += ["| " + " | ".join(cells) + " |" for cells in records[:max_rows]]
+        if max_rows is not None and len(records) > max_rows:
+            lines += ["", f"... and {len(records) - max_rows} more runs: see report/{MD_NAME}"]
+        return lines
+
+    def best_line(self) -> str:
         best = self.best
-        lines += ["", *self.worker_scaling()]
         if best is None:
-            lines.append(f"No finished child run has {self.rank_by}.")
+            return f"No finished child run has {self.rank_by}."
+        return (
+            f"Best by {self.rank_by} ({'lowest' if lower_is_better(self.rank_by) else 'highest'}): "
+            f"{best_config(best) or '(defaults)'} -> {best.value(self.rank_by):.4g} (run {best.run_id})"
+        )
+
+    def markdown(self) -> str:
+        return "\n".join([*self.table(), "", *self.worker_scaling(), self.best_line()]) + "\n"
+
+    def description(self, limit: int = NOTE_MAX) -> str:
+        """The parent run's description: one line naming the best configuration, then the table (rows cut
+        to fit ``limit`` characters; the full report is the ``report/`` artifact). Short on top: the
+        MLflow UI shows the first lines of a description until "Show more" is clicked."""
+        best = self.best
+        if best is None:
+            head = [self.best_line(), ""]
         else:
-            lines.append(
-                f"Best by {self.rank_by} ({'lowest' if lower_is_better(self.rank_by) else 'highest'}): "
-                f"{best_config(best) or '(defaults)'} -> {best.value(self.rank_by):.4g} (run {best.run_id})"
-            )
-        return "\n".join(lines) + "\n"
+            how = "lowest" if lower_is_better(self.rank_by) else "highest"
+            distinct = len({r.run_name for r in self.rows}) == len(self.rows)
+            name = best.run_name if distinct else best_config(best) or "(defaults)"
+            head = [f"**Best** ({how} `{self.rank_by}`): **{name}** = {best.value(self.rank_by):.4g}", ""]
+        rows = len(self.rows)
+        while True:
+            text = "\n".join([*head, *self.table(rows)]) + "\n"
+            if len(text) <= limit or rows == 0:
+                return text[:limit]
+            rows -= 1
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -305,7 +332,7 @@ def publish_report(uri: str, parent_run_id: str, out_dir: str | Path, rank_by: s
     client = MlflowClient(tracking_uri=uri)
     for path in paths:
         client.log_artifact(parent_run_id, str(path), "report")
-    tags = {"sweep.children": str(len(report.rows)), "sweep.rank_by": rank_by}
+    tags = {"sweep.children": str(len(report.rows)), "sweep.rank_by": rank_by, NOTE_TAG: report.description()}
     best = report.best
     if best is not None:
         tags.update(
