@@ -7,6 +7,7 @@ import logging
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import torch
 
 from pipeline import progress
 from pipeline.config.validate import ConfigError, validate
-from tests.conftest import REPO, compose_cfg, run_cli, sqlite_uri
+from tests.conftest import REPO, compose_cfg
 
 BAR = "%|"  # tqdm draws "NN%|####  |"
 
@@ -234,64 +235,72 @@ def test_progress_node_and_the_old_scalar_form_compose_and_validate(tmp_path):
         validate(compose_cfg(tmp_path, ["progress.bars=maybe"]))
 
 
-def test_a_job_logs_progress_lines_during_its_epoch(tmp_path, caplog):
-    from tests.run_helpers import run_job
+def test_training_logs_progress_lines_during_its_epoch(tmp_path, caplog):
+    """The train loop (pipeline/training/train.py's fit) goes through progress.batches."""
+    from pipeline import api
 
     caplog.set_level(logging.INFO, logger="pipeline.progress")
-    run_job(
-        tmp_path,
-        ["trainer.epochs=1", "loader.batch_size=8", "progress.bars=false", "progress.log_every_s=0.1"],
-    )
+    overrides = ["storage=npy", "loader.batch_size=4", "progress.bars=false", "progress.log_every_s=0.05"]
+    cfg = api.compose_config([f"paths.root={tmp_path}", *overrides, "trainer.epochs=1"], tmp_path / "run")
+    exp = api.export_data(cfg)
+    train, val = api.make_loaders(cfg, exp, api.split_data(cfg, exp))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: one thread is fastest, and steady on a busy machine
+    try:
+        api.train(cfg, api.make_model(cfg, exp), train, val)
+    finally:
+        torch.set_num_threads(threads)
     lines = [m for m in map(EPOCH_LINE.fullmatch, _progress_lines(caplog)) if m]
     assert lines, _progress_lines(caplog)
-    assert all(int(m.group(1)) < int(m.group(2)) == 180 for m in lines)  # mid-epoch: 1437 samples / 8
+    assert all(int(m.group(2)) == 360 for m in lines)  # 1437 train samples in batches of 4
+    assert int(lines[0].group(1)) < 360  # logged while the epoch ran
 
 
 @pytest.mark.slow
 def test_cli_job_with_an_epoch_over_40_s_logs_progress_at_the_default_interval(tmp_path):
-    """stdout piped (not a terminal), the default ``progress.log_every_s`` (30 s), one epoch sized from
-    this machine's measured speed to last about a minute."""
-    from pipeline import api
+    """stdout piped (not a terminal), the default ``progress.log_every_s`` (30 s), an epoch of 400,000
+    single-sample batches (minutes on any machine): a progress line comes during the epoch, and once the
+    epoch has run for over 40 s the job is stopped with SIGTERM (it ends KILLED, like Ctrl-C)."""
     from pipeline.config.schema import ProgressConfig
 
-    probe = api.compose_config(
-        [
-            f"paths.root={tmp_path}/probe",
-            "source=synthetic",
-            "source.num_samples=3000",
-            "source.shape=[8]",
-            "loader.batch_size=1",
-            "model.hidden=[32]",
-            "trainer.epochs=1",
-            "progress.bars=false",
-        ],
-        output_dir=tmp_path / "probe" / "run",
-    )
-    exp = api.export_data(probe)
-    train, val = api.make_loaders(probe, exp, api.split_data(probe, exp))
-    rate = api.train(probe, api.make_model(probe, exp), train, val)[-1]["perf/train_samples_per_s"]
-    n = int(60 * rate / 0.8)  # train samples for ~60 s at the measured rate
+    assert ProgressConfig.log_every_s == 30
     args = [
+        "storage=memmap",
         "source=synthetic",
-        f"source.num_samples={n}",
+        "source.num_samples=500000",
         "source.shape=[8]",
         "loader.batch_size=1",
         "model.hidden=[32]",
         "trainer.epochs=1",
         "tracking.log_model=false",
     ]
-    proc = run_cli(tmp_path, *args, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout + proc.stderr
-    lines = [m for m in map(EPOCH_LINE.search, text.splitlines()) if m]
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(sqlite_uri(tmp_path))
-    (run,) = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
-    epoch_s = run.data.metrics["perf/epoch_seconds"]
-    assert epoch_s > 40, (
-        f"the epoch lasted {epoch_s:.0f} s (measured rate {rate:.0f}/s); the test needs > 40 s"
+    env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env.pop("CI", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    assert ProgressConfig.log_every_s == 30
-    assert 1 <= len(lines) <= epoch_s / 30 + 1, text[-3000:]
-    assert all(int(m.group(1)) < int(m.group(2)) for m in lines)  # logged during the epoch
+    out, first = [], None
+    try:
+        for line in proc.stdout:  # a pipe: progress bars are off
+            out.append(line)
+            if m := EPOCH_LINE.search(line):
+                first = m  # the epoch has run for log_every_s = 30 s
+                break
+        if first is not None:
+            time.sleep(12)  # now > 40 s into the epoch
+            proc.send_signal(signal.SIGTERM)
+        out.append(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out)
+    assert first is not None, text[-3000:]
+    done, total = int(first.group(1)), int(first.group(2))
+    assert total == 400_000 and 0 < done < total, first.group(0)  # logged mid-epoch
+    assert "epoch 1/1  train loss" not in text  # the epoch was still running at 42 s
+    assert proc.returncode == 128 + signal.SIGTERM
