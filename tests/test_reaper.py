@@ -217,6 +217,23 @@ def test_a_reaped_run_whose_process_is_alive_is_put_back_to_running(store, holde
     assert "error" not in tags and hb.REAPED_AT not in tags
 
 
+def test_runs_command_marks_a_dead_running_run_and_reap_ends_it(store, capsys):
+    from pipeline.runs.listing import DEAD_MARK
+    from pipeline.runs.listing import main as runs_main
+
+    uri, _ = store
+    client = _client(uri)
+    dead = _run(client, uri, _elsewhere(age_s=1000), name="lost-on-node-17")
+    alive = _run(client, uri, hb.process_tags(30.0), name="this-process")
+    assert runs_main(["--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"RUNNING{DEAD_MARK}  lost-on-node-17" in out and "RUNNING   this-process" in out
+    assert f"{DEAD_MARK} {dead[:8]}: process gone: no heartbeat from pid 4242" in out
+    assert runs_main(["--tracking-uri", uri, "--reap"]) == 0
+    assert f"ended {dead} KILLED" in capsys.readouterr().out
+    assert (client.get_run(dead).info.status, client.get_run(alive).info.status) == ("KILLED", "RUNNING")
+
+
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 
 

@@ -84,6 +84,7 @@ def rows(
     runs, failed: bool = False, now: float | None = None
 ) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, notes) of the table for ``runs``."""
+    from pipeline.config.schema import TrackingConfig
     from pipeline.tracking.reaper import verdict
 
     now = time.time() if now is None else now
@@ -96,7 +97,7 @@ def rows(
         info, tags, metrics = run.info, run.data.tags, run.data.metrics
         status = info.status
         if status == "RUNNING":
-            why = verdict(run, stale_after_s=_stale_after(tags))
+            why = verdict(run, stale_after_s=TrackingConfig.stale_after_s)
             if why:
                 status += DEAD_MARK
                 notes.append(f"{DEAD_MARK} {info.run_id[:8]}: {why}")
@@ -123,12 +124,6 @@ def rows(
             )
         table.append(cells)
     return header, table, notes
-
-
-def _stale_after(tags: dict) -> float:
-    from pipeline.config.schema import TrackingConfig
-
-    return TrackingConfig.stale_after_s
 
 
 def render(header: list[str], table: list[list[str]]) -> str:
