@@ -9,6 +9,7 @@ real multirun mid-epoch.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,6 +233,25 @@ def test_runs_command_marks_a_dead_running_run_and_reap_ends_it(store, capsys):
     assert runs_main(["--tracking-uri", uri, "--reap"]) == 0
     assert f"ended {dead} KILLED" in capsys.readouterr().out
     assert (client.get_run(dead).info.status, client.get_run(alive).info.status) == ("KILLED", "RUNNING")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tracking.heartbeat_s=0", "tracking.heartbeat_s=0.0 -- seconds > 0"),
+        (
+            "tracking.stale_after_s=45",
+            "tracking.stale_after_s=45.0 -- seconds >= 2 x tracking.heartbeat_s (60)",
+        ),
+    ],
+)
+def test_heartbeat_settings_are_checked_naming_the_key(tmp_path, override, message):
+    from pipeline.config.validate import ConfigError, validate
+    from tests.conftest import compose_cfg
+
+    validate(compose_cfg(tmp_path, ["tracking.heartbeat_s=5", "tracking.stale_after_s=10"]))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_cfg(tmp_path, [override]))
 
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
