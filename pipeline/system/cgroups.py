@@ -3,6 +3,7 @@
     from pipeline.system.cgroups import CgroupUnavailable, MemoryCgroup, memory_limit
     memory_limit()                         # bytes, the lowest limit on this process's group and its
                                            # ancestors (v2 memory.max or v1 memory.limit_in_bytes); None
+    group = memory_group(); oom_kills(group)   # this process's memory group; its OOM-kill count
     try:
         with MemoryCgroup(1 << 30, prefix="bench") as cg:   # this process (or pid=N) moved in
             ...                            # children forked now start inside the group
@@ -94,6 +95,34 @@ def memory_limit() -> int | None:
             if d == mount:
                 break
     return min(limits) if limits else None
+
+
+def memory_group() -> Path | None:
+    """The folder of this process's memory group: v2 where it has ``memory.events``, else the v1 memory
+    hierarchy's; None when there is none (or no cgroup filesystem to read)."""
+    try:
+        mounts = _mounts()
+    except OSError:
+        return None
+    for version, stat in (("v2", "memory.events"), ("v1", "memory.oom_control")):
+        if version not in mounts:
+            continue
+        try:
+            folder = _group_dir(version, *mounts[version])
+        except (OSError, CgroupUnavailable):
+            continue
+        if (folder / stat).exists():
+            return folder
+    return None
+
+
+def oom_kills(group: str | Path | None) -> int | None:
+    """How many processes the OOM killer has killed in the memory group ``group`` (the ``oom_kill`` line
+    of v2 ``memory.events`` / v1 ``memory.oom_control``); None when neither can be read (a removed group)."""
+    for name in ("memory.events", "memory.oom_control"):
+        if group and _read(Path(group) / name) is not None:
+            return _stat_line(Path(group) / name, "oom_kill")
+    return None
 
 
 def _stat_line(path: Path, key: str) -> int:

@@ -3,14 +3,13 @@
     from pipeline.system import processes
     me = processes.identity()                   # Identity(host, pid, start, host_id)
     processes.state(pid, start)                 # RUNNING | GONE | OTHER (the pid now runs another process)
-    group = processes.memory_cgroup()           # this process's memory cgroup folder, or None
-    processes.oom_kills(group)                  # its OOM-kill count (cgroup v1 or v2), or None
     processes.kernel_oom_kill(pid, since)       # the kernel log's "Killed process <pid>" line, or None
 
 ``host_id`` is the kernel's boot id plus this process's pid namespace: two containers that share a
 host name (``--network host``) or a host rebooted since are not "the same host", so a pid is only
 ever looked up where it means the same process. Nothing here needs privileges: the kernel log is read
 only where ``/dev/kmsg`` is readable (``kernel.dmesg_restrict``), and a reading that fails is None.
+A memory cgroup's OOM-kill count: pipeline/system/cgroups.py (``memory_group``, ``oom_kills``).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import psutil
 
 RUNNING, GONE, OTHER = "running", "gone", "other"
 START_TOLERANCE_S = 2.0  # psutil's start time is boot time + ticks; boot time may shift by ~1 s (NTP)
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 KILLED = re.compile(r"Killed process (\d+) \(([^)]*)\)")
 
 
@@ -71,34 +69,6 @@ def state(pid: int, start: float) -> str:
         return GONE
     except psutil.AccessDenied:  # it exists; whose it is cannot be told: never call it gone
         return RUNNING
-
-
-def memory_cgroup() -> Path | None:
-    """The folder of this process's memory cgroup (v1 ``memory`` controller, else the v2 group)."""
-    text = _read("/proc/self/cgroup") or ""
-    v2 = None
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return CGROUP_ROOT / "memory" / path.lstrip("/")
-        if controllers == "":
-            v2 = CGROUP_ROOT / path.lstrip("/")
-    return v2 if v2 is not None and (v2 / "memory.events").exists() else None
-
-
-def oom_kills(group: str | Path | None) -> int | None:
-    """How many processes the OOM killer has killed in the memory cgroup ``group`` (v1:
-    ``memory.oom_control``, v2: ``memory.events``); None when it cannot be read (or the group is gone)."""
-    if not group:
-        return None
-    for name in ("memory.oom_control", "memory.events"):
-        text = _read(Path(group) / name)
-        if text:
-            for line in text.splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    return None
 
 
 def kernel_oom_kill(pid: int, since: float) -> str | None:

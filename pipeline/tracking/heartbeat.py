@@ -28,7 +28,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from pipeline.system import processes
+from pipeline.system import cgroups, processes
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def process_tags(interval_s: float) -> dict[str, str]:
         BEAT: utc_iso(),
         INTERVAL: f"{interval_s:g}",
     }
-    group = processes.memory_cgroup()
-    kills = processes.oom_kills(group)
+    group = cgroups.memory_group()
+    kills = cgroups.oom_kills(group)
     if kills is not None:
         tags.update({CGROUP: str(group), CGROUP_OOM: str(kills)})
     return tags

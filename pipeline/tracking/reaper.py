@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.system import processes
+from pipeline.system import cgroups, processes
 from pipeline.tracking import heartbeat as hb
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _cause(tags: dict, pid: int, start: float) -> str:
     if line:
         return f"killed by the kernel's OOM killer ({line})"
     group, before = tags.get(hb.CGROUP), tags.get(hb.CGROUP_OOM)
-    now = processes.oom_kills(group) if group and before is not None else None
+    now = cgroups.oom_kills(group) if group and before is not None else None
     if now is not None and now > int(before):
         return (
             f"killed by the OOM killer, most likely: its memory cgroup {group} counted "
