@@ -122,11 +122,11 @@ class Heartbeat:
             f"ended {run.info.status} by a reaper at {run.data.tags[REAPED_AT]} while its process was alive; "
             f"set RUNNING again at {utc_iso()}"
         )
-        client.update_run(self.run_id, status="RUNNING")
         client.set_tag(
             self.run_id, "pipeline.revived", f"{note} (the reaper said: {run.data.tags.get(REAPED)})"
         )
         for key in (REAPED, REAPED_AT, REAPED_BY, "error"):  # the reaper's verdict no longer holds
             if key in run.data.tags:
                 client.delete_tag(self.run_id, key)
+        client.update_run(self.run_id, status="RUNNING")  # last: RUNNING again means the record is clean
         log.warning("run %s: %s", self.run_id, note)
