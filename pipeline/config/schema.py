@@ -65,6 +65,12 @@ class TransformName(Choice):
     normalize = "normalize"
 
 
+class ShardBuffers(Choice):
+    auto = "auto"  # memory when the export is larger than half the memory the job may use, else mapped
+    memory = "memory"  # copied into anonymous memory with large reads; pages dropped from the cache behind
+    mapped = "mapped"  # read through memory maps, read ahead by the kernel; pages stay cached
+
+
 class Optimizer(Choice):
     adam = "adam"
     adamw = "adamw"
@@ -145,6 +151,7 @@ class NpyStorageConfig(StorageConfig):
 @dataclass
 class MemmapStorageConfig(StorageConfig):
     name: str = "memmap"
+    io_threads: int = 16  # read-time: threads waiting on a batch's rows the page cache misses
 
 
 @dataclass
@@ -152,6 +159,8 @@ class ShardsStorageConfig(StorageConfig):
     name: str = "shards"
     shard_size_mb: float = 64.0  # MiB per shard file (at least one sample per shard)
     shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
+    placement_seed: int = 0  # seeds the permutation placing samples in shards (mixes class-sorted sources)
+    buffers: ShardBuffers = ShardBuffers.auto  # read-time: how a buffer of shards is held (see ShardBuffers)
 
 
 @dataclass

@@ -101,6 +101,8 @@ def validate(cfg: DictConfig) -> None:
             "must be > 0 (MiB per shard file), e.g. 64",
         )
         _positive_int(cfg, "storage.shuffle_buffer_shards", 1)
+    if sto.name == "memmap":
+        _positive_int(cfg, "storage.io_threads", 1)
 
     if src.name == "image_folder":
         _check(

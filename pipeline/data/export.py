@@ -93,6 +93,9 @@ def fingerprint(source_cfg, storage_cfg) -> str:
         "source": _plain(source_cfg),
         "storage": storage,
     }
+    layout = getattr(get_format(_plain(storage_cfg)["name"]), "LAYOUT", None)
+    if layout is not None:  # a format's own layout version (shards 2: samples placed in a seeded permutation)
+        payload["format_layout"] = layout
     identity = source_identity(source_cfg)  # e.g. an image folder's file listing
     if identity is not None:
         payload["source_identity"] = identity

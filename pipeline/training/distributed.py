@@ -7,7 +7,9 @@ Nothing to configure: under torchrun (``WORLD_SIZE`` > 1 in the environment) the
 - joins the process group (``init(device)``: gloo on CPU, nccl on CUDA, one GPU per ``LOCAL_RANK``);
 - exports on rank 0 only; the other ranks wait at a barrier, then open the export (``rank0_first``);
 - gives each DataLoader a ``ShardSampler``: a ``DistributedSampler`` (seeded, ``set_epoch`` every epoch)
-  that does not pad, so every sample is seen exactly once per epoch across ranks. Ranks may then hold
+  that does not pad, so every sample is seen exactly once per epoch across ranks. A storage format's own
+  batch sampler is dealt out by ``RankBatches`` (batches r, r+W, ...), or deals itself when it has
+  ``for_rank(rank, world)`` (shards: each rank reads its own part of every shard). Ranks may then hold
   one batch more or less than each other; the train loop runs inside DDP's ``Join`` (``joined``), which
   keeps the gradient all-reduce of the ranks that run out first going;
 - wraps the model in DDP (``wrap``), and sums loss, correct predictions and sample counts over the ranks
@@ -172,7 +174,11 @@ def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
         return loader_kwargs
     kwargs = dict(loader_kwargs)
     if "batch_sampler" in kwargs:  # a storage format's own batches (memmap, shards): deal them out
-        kwargs["batch_sampler"] = RankBatches(kwargs["batch_sampler"], rank(), world_size())
+        inner = kwargs["batch_sampler"]
+        if callable(getattr(inner, "for_rank", None)):  # it deals itself (shards: each rank reads its part)
+            kwargs["batch_sampler"] = inner.for_rank(rank(), world_size())
+        else:
+            kwargs["batch_sampler"] = RankBatches(inner, rank(), world_size())
         return kwargs
     shuffle = bool(kwargs.pop("shuffle", False)) or kwargs.get("sampler") is not None
     kwargs["sampler"] = ShardSampler(dataset, shuffle=shuffle, seed=int(seed))
@@ -182,7 +188,7 @@ def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
 def local_len(loader) -> int:
     """Samples this rank's loader yields per epoch (before drop_last)."""
     batches = getattr(loader, "batch_sampler", None)
-    if isinstance(batches, RankBatches):
+    if isinstance(batches, RankBatches) or getattr(batches, "world", 1) > 1:  # dealt out (shards: for_rank)
         return batches.num_samples
     sampler = getattr(loader, "sampler", None)
     return len(sampler) if isinstance(sampler, DistributedSampler) else len(loader.dataset)

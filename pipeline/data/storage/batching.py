@@ -1,13 +1,12 @@
 """Batched reads shared by the fast formats: one read per batch instead of one per sample.
 
-    from pipeline.data.storage.batching import RandomBatchSampler, passthrough_collate, read_rows
-    x = read_rows(array, rows)                    # rows in any order; one sorted fancy-index read
+    from pipeline.data.storage.batching import RandomBatchSampler, passthrough_collate, shuffle_quality
     shuffle_quality(sampler.epoch_order(seed))    # 1.0 = as mixed as a uniform shuffle
     sampler = RandomBatchSampler(n, 64, shuffle=True, drop_last=False, seed=0)
 
 A Dataset whose ``__getitems__`` returns an already collated ``(x, y)`` batch sets
 ``collate_fn = staticmethod(passthrough_collate)`` and may offer a ``batch_sampler(...)`` hook;
-pipeline.training.loading uses both when present.
+pipeline.training.loading uses both when present. Reads themselves live in pipeline/data/storage/stream.py.
 """
 
 from __future__ import annotations
@@ -21,16 +20,6 @@ from pipeline.training.seeding import derive_seed
 def passthrough_collate(batch):
     """The batch is already collated by ``__getitems__``."""
     return batch
-
-
-def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]`` read in ascending row order (sequential on disk), returned in the order asked."""
-    if len(rows) < 2 or bool(np.all(rows[1:] >= rows[:-1])):
-        return array[rows]  # already sorted: one read, no reordering copy
-    order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
-    out[order] = array[rows[order]]
-    return out
 
 
 class EpochBatches(torch.utils.data.Sampler):

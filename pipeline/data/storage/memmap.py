@@ -1,31 +1,39 @@
-"""``memmap``: every sample in one contiguous ``samples.npy``, read through a memory map.
+"""``memmap``: every sample in one contiguous ``samples.npy``, read by rows -- cold or warm, any size.
 
-    storage=memmap                         # on the command line
+    storage=memmap storage.io_threads=16   # on the command line
     ds = Dataset(root, spec, labels, ids)  # ds[i] -> (tensor, label); ds.__getitems__(idx) -> (x, y)
 
-The writer preallocates ``samples.npy`` with ``np.lib.format.open_memmap`` and copies each chunk
-into place, so an export never holds more than one chunk in RAM. The Dataset opens the memory map
-lazily, in the process that reads: each DataLoader worker opens its own, forked or spawned, and
-pickling sends only paths, ids and labels.
+The writer preallocates ``samples.npy`` with ``np.lib.format.open_memmap`` and copies each chunk into
+place, so an export never holds more than one chunk in RAM.
 
-Batched reads: ``__getitems__`` reads a whole batch with one sorted fancy index and returns an
-already collated ``(x, y)`` pair of tensors in the order asked for; the Dataset's ``collate_fn``
-passes it through. Its ``batch_sampler`` hook (used by pipeline.training.loading) yields each batch's
-indices sorted, so the read needs no reordering copy. Batch membership stays uniformly random;
-only the order inside a batch is sorted, which no loss averaged over the batch can see.
+Reading goes through ``stream.RowReader`` (opened lazily in the process that reads: each DataLoader worker
+opens its own; pickling sends only paths, ids and labels). It never lets the kernel read ahead on a shuffled
+pass -- a default memory map read 484x the data of a shuffled pass larger than the page cache -- and it
+keeps a batch's missing rows in flight together (``RWF_NOWAIT`` reads, then ``pread`` from
+``storage.io_threads`` threads); once the page cache holds the file it reads each batch with one fancy index
+on its own memory map, as fast as the plain memory map was. Why, and the figures: the docstring of
+pipeline/data/storage/stream.py and docs/storage-formats.md.
+
+Batched reads: ``__getitems__`` reads a whole batch (rows sorted, adjacent ones in one read) and returns an
+already collated ``(x, y)`` pair of tensors in the order asked for; the Dataset's ``collate_fn`` passes it
+through. Its ``batch_sampler`` hook (used by pipeline.training.loading) yields each batch's indices sorted, so
+the read needs no reordering copy. Batch membership stays uniformly random; only the order inside a batch is
+sorted, which no loss averaged over the batch can see.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.data.storage.batching import RandomBatchSampler, passthrough_collate, read_rows
+from pipeline.data.integrity import IntegrityError
+from pipeline.data.storage.batching import RandomBatchSampler, passthrough_collate
+from pipeline.data.storage.stream import RowReader, npy_layout
 
 SAMPLES = "samples.npy"
+READ_OPTIONS = ("io_threads",)  # not part of the export's fingerprint
 
 
 class Writer:
@@ -45,15 +53,6 @@ class Writer:
         del self.out
 
 
-def open_array(path: Path, spec) -> np.ndarray:
-    """The file's samples as a read-only memory-mapped plain ndarray (cheaper to index than np.memmap)."""
-    mm = np.load(path, mmap_mode="r", allow_pickle=False)
-    want = (spec.num_samples, *spec.shape)
-    if mm.shape != want or mm.dtype != np.dtype(spec.dtype):
-        raise ValueError(f"{path} holds {mm.shape} {mm.dtype}; the manifest says {want} {spec.dtype}")
-    return mm.view(np.ndarray)
-
-
 class Dataset(torch.utils.data.Dataset):
     collate_fn = staticmethod(passthrough_collate)
 
@@ -61,31 +60,33 @@ class Dataset(torch.utils.data.Dataset):
         self.path, self.spec = Path(root) / SAMPLES, spec
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
-        self._array: np.ndarray | None = None
-        self.opened_pid: int | None = None  # which process opened the map (workers open their own)
+        offset, shape, dtype = npy_layout(self.path, spec.num_samples)
+        if shape[1:] != tuple(spec.shape) or dtype != np.dtype(spec.dtype):
+            raise IntegrityError(
+                f"{self.path} holds {shape} {dtype}; the manifest says {spec.shape} {spec.dtype}"
+            )
+        self.dtype = np.dtype(spec.dtype)
+        threads = int(cfg.get("io_threads", 16)) if cfg is not None else 16
+        self.reader = RowReader(self.path, offset, spec.sample_bytes, spec.num_samples, threads)
 
     @property
-    def array(self) -> np.ndarray:
-        if self._array is None or self.opened_pid != os.getpid():  # a forked worker reopens
-            self._array = open_array(self.path, self.spec)
-            self.opened_pid = os.getpid()
-        return self._array
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_array"], state["opened_pid"] = None, None  # never pickle the map itself
-        return state
+    def opened_pid(self) -> int | None:
+        """Which process opened the file (each DataLoader worker opens its own)."""
+        return self.reader.opened_pid
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        raw = self.reader.read(rows)
+        return torch.from_numpy(raw.view(self.dtype).reshape(len(rows), *self.spec.shape))
+
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.array(self.array[self.ids[i]])), int(self.labels[i])
+        return self._read(self.ids[[int(i)]])[0], int(self.labels[i])
 
     def __getitems__(self, indices):
         idx = np.asarray(indices, dtype=np.int64)
-        x = read_rows(self.array, self.ids[idx])
-        return torch.from_numpy(x), torch.from_numpy(self.labels[idx])
+        return self._read(self.ids[idx]), torch.from_numpy(self.labels[idx])
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
         return RandomBatchSampler(len(self), batch_size, shuffle, drop_last, seed)

@@ -1,21 +1,41 @@
-"""``shards``: samples packed into fixed-size shard files, read with a block shuffle.
+"""``shards``: samples in fixed-size shard files, read in large sequential buffers with a block shuffle.
 
-    storage=shards storage.shard_size_mb=64 storage.shuffle_buffer_shards=4
+    storage=shards storage.shard_size_mb=64 storage.shuffle_buffer_shards=4 storage.buffers=auto
 
-Layout: ``shards/shard-00000.npy`` ... each a contiguous ``(k, *shape)`` array holding
-``samples_per_shard`` consecutive samples (the last may hold fewer), plus ``shards/index.json``
-saying which samples each file holds. The writer fills one shard at a time from the source's
-chunks (never more than a chunk in RAM).
+Layout (``LAYOUT`` 2): ``shards/shard-00000.npy`` ... each a contiguous ``(k, *shape)`` array of
+``samples_per_shard`` records (the last may hold fewer); ``shards/placement.npy`` the sample id of every
+record, shard after shard; ``shards/index.json`` the files, their counts and the placement's seed. The
+export places samples in a random permutation seeded by ``storage.placement_seed``, so each shard holds a
+random sample of the classes even when the source lists them class by class (image folders), and a buffer
+of a few shards gives batches nearly as mixed as a full shuffle's. The writer ``pwrite``s each chunk's
+samples to their records (never more than a chunk in RAM). Exports of layout 1 (samples in id order) have
+another fingerprint and are not reused; opened by path, they fail naming their layout.
 
-Reading: a map-style Dataset (per item and batched ``__getitems__``; each process opens the shard
-maps it needs lazily) whose ``batch_sampler`` hook gives pipeline.training.loading a
-``BlockShuffleBatchSampler``: per epoch it shuffles the shard order, then the samples inside each
-group of ``shuffle_buffer_shards`` consecutive shards of that order, so a pass reads a few shards at
-a time -- mostly sequential when the data is on a slow disk and larger than the page cache -- and
-still visits every sample exactly once. ``batching.shuffle_quality(order)`` rates an order: the mean
-|index step| between consecutive samples relative to a uniform shuffle's (1.0 = as mixed as a full
-shuffle, 0 = sequential). ``shuffle_buffer_shards`` is a read-time option: changing it does not
-re-export.
+An epoch (``ShardBatches``, the Dataset's ``batch_sampler`` hook): shards in a random order,
+``shuffle_buffer_shards`` at a time; each buffer is read whole by ``stream.BufferStream``, the next one read
+while the current one is consumed, its records shuffled in memory and cut into batches (a batch may
+straddle two buffers). The order is a function of (seed, epoch) only.
+
+Why the sampler reads, not the Dataset: the DataLoader hands each batch to ``__getitems__`` in a worker
+process, round robin, when there are workers; a reader in the Dataset would have every worker read every
+buffer, or the order depend on the worker count. So the batch sampler (main process) owns the one reader
+and yields, per batch, a ``stream.RecordBatch``: the batch's positions and its raw records, gathered from
+the buffer. ``__getitems__`` turns it into tensors -- in the workers when there are workers, which is where
+a format that decodes (``encoded``: variable-size records through the same ``BufferStream``) wants its
+decode. Batches are the same for 0 or 2 workers and with ``loader.thread_prefetch``. ``__getitems__`` with
+plain indices (per-item use, plots, a stock sampler) reads the records directly (``stream.RowReader``).
+
+``storage.buffers``: ``memory`` copies each buffer into anonymous memory (counted in ``memory/used_mb``; at
+most two buffers, 2 x ``shuffle_buffer_shards`` x ``shard_size_mb``) with large reads and drops the pages
+behind the reader, for data larger than memory; ``mapped`` reads through memory maps with the next buffer
+read ahead by the kernel, nothing copied or dropped, so data that fits stays in the page cache for the next
+epoch; ``auto`` (default) is ``memory`` when the export is larger than half the memory the job may use (the
+smaller of RAM and its cgroup's limit), else ``mapped``. ``shuffle_buffer_shards`` and ``buffers`` are
+read-time options: changing them does not re-export.
+
+Under torchrun (``for_rank``) rank r of W reads the r-th of W contiguous slices of each shard's records in
+its split -- sequential reads, no byte read by two ranks, rank sample counts within one per shard -- and
+shuffles its slices in buffers as above.
 """
 
 from __future__ import annotations
@@ -27,11 +47,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.storage.batching import EpochBatches, chop, num_batches, passthrough_collate
+from pipeline.data.integrity import IntegrityError
+from pipeline.data.storage.batching import EpochBatches, num_batches, passthrough_collate
+from pipeline.data.storage.stream import (
+    BufferStream,
+    RecordBatch,
+    RecordFile,
+    RowReader,
+    memory_room_bytes,
+    npy_layout,
+)
+from pipeline.training.seeding import derive_seed
 
 FOLDER = "shards"
 INDEX = "index.json"
-READ_OPTIONS = ("shuffle_buffer_shards",)  # not part of the export's fingerprint
+PLACEMENT = "placement.npy"
+LAYOUT = 2  # 2: records in a seeded random permutation of the sample ids (1: in id order)
+READ_OPTIONS = ("shuffle_buffer_shards", "buffers")  # not part of the export's fingerprint
 MIB = 2**20
 
 
@@ -43,52 +75,132 @@ def shard_name(s: int) -> str:
     return f"shard-{s:05d}.npy"
 
 
+def placement(num_samples: int, seed: int) -> np.ndarray:
+    """The sample id of each record, shard after shard: a permutation seeded by ``seed`` (through
+    ``derive_seed``, so it is not the permutation a split with the same seed draws)."""
+    rng = np.random.default_rng(derive_seed(int(seed), "shards.placement"))
+    return rng.permutation(int(num_samples)).astype(np.int64)
+
+
 class Writer:
+    """Creates every shard file at its full size, then writes each sample to its record with ``pwrite``."""
+
+    MAX_OPEN = 256
+
     def __init__(self, root: Path, spec, cfg) -> None:
         self.folder = Path(root) / FOLDER
         self.folder.mkdir(parents=True)
-        self.spec = spec
+        self.spec, self.row_bytes = spec, spec.sample_bytes
         self.per_shard = samples_per_shard(float(cfg.shard_size_mb), spec.sample_bytes)
         self.num_shards = -(-spec.num_samples // self.per_shard)
-        self.shard, self.out, self.filled = -1, None, 0
+        self.seed = int(cfg.get("placement_seed", 0))
+        self.order = placement(spec.num_samples, self.seed)
+        self.slot_of = np.empty(spec.num_samples, dtype=np.int64)
+        self.slot_of[self.order] = np.arange(spec.num_samples, dtype=np.int64)
+        self.offsets = []
+        for s in range(self.num_shards):
+            out = np.lib.format.open_memmap(
+                self.folder / shard_name(s),
+                mode="w+",
+                dtype=np.dtype(spec.dtype),
+                shape=(self.count(s), *spec.shape),
+            )
+            self.offsets.append(int(out.offset))
+            del out
+            with open(self.folder / shard_name(s), "r+b") as fh:
+                try:  # reserve the blocks now, so the random writes below still give contiguous files
+                    os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+                except OSError:
+                    pass
+        self.fds: dict[int, int] = {}
+        self.next_id = 0
 
-    def _next_shard(self) -> None:
-        if self.out is not None:
-            self.out.flush()
-        self.shard += 1
-        count = min(self.per_shard, self.spec.num_samples - self.shard * self.per_shard)
-        self.out = np.lib.format.open_memmap(
-            self.folder / shard_name(self.shard),
-            mode="w+",
-            dtype=np.dtype(self.spec.dtype),
-            shape=(count, *self.spec.shape),
-        )
-        self.filled = 0
+    def count(self, s: int) -> int:
+        return min(self.per_shard, self.spec.num_samples - s * self.per_shard)
+
+    def _fd(self, s: int) -> int:
+        fd = self.fds.get(s)
+        if fd is None:
+            if len(self.fds) >= self.MAX_OPEN:
+                self._close_files()
+            fd = self.fds[s] = os.open(self.folder / shard_name(s), os.O_WRONLY)
+        return fd
+
+    def _close_files(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
-        done = 0
-        while done < len(x):
-            if self.out is None or self.filled == len(self.out):
-                self._next_shard()
-            take = min(len(x) - done, len(self.out) - self.filled)
-            self.out[self.filled : self.filled + take] = x[done : done + take]
-            self.filled += take
-            done += take
+        x = np.ascontiguousarray(x)
+        slots = self.slot_of[self.next_id : self.next_id + len(x)]
+        rows = x.reshape(len(x), -1).view(np.uint8)
+        for j in np.argsort(slots, kind="stable").tolist():  # file order within the chunk
+            s, local = divmod(int(slots[j]), self.per_shard)
+            os.pwrite(self._fd(s), rows[j], self.offsets[s] + local * self.row_bytes)
+        self.next_id += len(x)
 
     def close(self) -> None:
-        if self.out is not None:
-            self.out.flush()
-            self.out = None
-        shards = [
-            {
-                "file": shard_name(s),
-                "start": s * self.per_shard,
-                "count": min(self.per_shard, self.spec.num_samples - s * self.per_shard),
-            }
-            for s in range(self.shard + 1)
-        ]
-        index = {"samples_per_shard": self.per_shard, "num_samples": self.spec.num_samples, "shards": shards}
+        self._close_files()
+        np.save(self.folder / PLACEMENT, self.order, allow_pickle=False)
+        shards = [{"file": shard_name(s), "count": self.count(s)} for s in range(self.num_shards)]
+        index = {
+            "layout": LAYOUT,
+            "samples_per_shard": self.per_shard,
+            "num_samples": self.spec.num_samples,
+            "placement": {"kind": "seeded random permutation", "seed": self.seed, "file": PLACEMENT},
+            "shards": shards,
+        }
         (self.folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def read_index(folder: Path, spec) -> tuple[dict, np.ndarray]:
+    """The index and the placement (sample id of each record), checked against the manifest's spec."""
+    path = folder / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export to re-export") from err
+    if index.get("layout") != LAYOUT:
+        raise IntegrityError(
+            f"{path} describes shards of layout {index.get('layout', 1)}; this version reads layout {LAYOUT} "
+            "(samples placed in a seeded random permutation). Delete the export to re-export"
+        )
+    files = [s["file"] for s in index["shards"]]
+    counts = [int(s["count"]) for s in index["shards"]]
+    per = int(index["samples_per_shard"])
+    if (
+        index["num_samples"] != spec.num_samples
+        or sum(counts) != spec.num_samples
+        or any(c != per for c in counts[:-1])
+        or any(Path(f).name != f or not f.endswith(".npy") for f in files)
+    ):
+        raise IntegrityError(f"{path} does not match the manifest or names a bad file; delete the export")
+    try:
+        order = np.load(folder / PLACEMENT, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{folder / PLACEMENT} cannot be read: {err}; delete the export") from err
+    if (
+        order.shape != (spec.num_samples,)
+        or order.dtype.kind not in "iu"
+        or (
+            spec.num_samples
+            and not np.array_equal(np.bincount(order, minlength=spec.num_samples), np.ones(spec.num_samples))
+        )
+    ):
+        raise IntegrityError(
+            f"{folder / PLACEMENT} is not a permutation of the {spec.num_samples} sample ids"
+        )
+    return index, order.astype(np.int64)
+
+
+def buffer_mode(setting, data_bytes: int) -> str:
+    """``storage.buffers``: ``auto`` is ``memory`` when the export is larger than half the memory the job may
+    use (it cannot stay cached across epochs anyway), else ``mapped``."""
+    setting = str(setting)
+    if setting == "auto":
+        return "memory" if data_bytes > memory_room_bytes() // 2 else "mapped"
+    return setting
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -96,100 +208,221 @@ class Dataset(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
         self.folder, self.spec = Path(root) / FOLDER, spec
-        index = json.loads((self.folder / INDEX).read_text())
+        index, order = read_index(self.folder, spec)
         self.per_shard = int(index["samples_per_shard"])
-        self.files = [s["file"] for s in index["shards"]]
-        if index["num_samples"] != spec.num_samples or any(
-            Path(f).name != f or not f.endswith(".npy") for f in self.files
-        ):
-            raise ValueError(f"{self.folder / INDEX} does not match the manifest or names a bad file")
+        self.dtype, self.row_bytes = np.dtype(spec.dtype), spec.sample_bytes
+        self.files = []
+        for s in index["shards"]:
+            path = self.folder / s["file"]
+            offset, shape, dtype = npy_layout(path, int(s["count"]))
+            if shape[1:] != tuple(spec.shape) or dtype != self.dtype:
+                raise IntegrityError(
+                    f"{path} holds {shape} {dtype}; the manifest says {spec.shape} {spec.dtype}"
+                )
+            self.files.append(RecordFile(path, offset, int(s["count"]), record_bytes=self.row_bytes))
+        slot_of = np.empty(spec.num_samples, dtype=np.int64)
+        slot_of[order] = np.arange(spec.num_samples, dtype=np.int64)
         self.ids = np.asarray(ids, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
-        self.shard_of = self.ids // self.per_shard  # shard of each position
-        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4)) if cfg is not None else 4
-        self._arrays: dict[int, np.ndarray] = {}
-        self.opened_pid: int | None = None
-
-    def _array(self, s: int) -> np.ndarray:
-        if self.opened_pid != os.getpid():  # a forked worker opens its own maps
-            self._arrays, self.opened_pid = {}, os.getpid()
-        arr = self._arrays.get(s)
-        if arr is None:
-            mm = np.load(self.folder / self.files[s], mmap_mode="r", allow_pickle=False)
-            if mm.shape[1:] != tuple(self.spec.shape) or mm.dtype != np.dtype(self.spec.dtype):
-                raise ValueError(f"{self.folder / self.files[s]} holds {mm.shape} {mm.dtype}")
-            arr = self._arrays[s] = mm.view(np.ndarray)
-        return arr
+        slots = slot_of[self.ids]
+        self.shard_of = slots // self.per_shard  # shard of each position
+        self.local = slots - self.shard_of * self.per_shard  # its record in that shard
+        cfg = cfg if cfg is not None else {}
+        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
+        self.buffers = buffer_mode(cfg.get("buffers", "auto"), spec.num_samples * self.row_bytes)
+        self._readers: dict[int, RowReader] = {}
+        self.opened_pid: int | None = None  # which process opened the files for direct reads
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_arrays"], state["opened_pid"] = {}, None  # never pickle the maps
+        state["_readers"], state["opened_pid"] = {}, None
         return state
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int):
-        row = int(self.ids[i])
-        s = row // self.per_shard
-        return torch.from_numpy(np.array(self._array(s)[row - s * self.per_shard])), int(self.labels[i])
+    def tensors(self, records: np.ndarray, positions: np.ndarray):
+        x = torch.from_numpy(records.view(self.dtype).reshape(len(positions), *self.spec.shape))
+        return x, torch.from_numpy(self.labels[positions])
 
-    def __getitems__(self, indices):
-        idx = np.asarray(indices, dtype=np.int64)
-        rows = self.ids[idx]
-        order = None
-        if len(rows) > 1 and not bool(np.all(rows[1:] >= rows[:-1])):
-            order = np.argsort(rows, kind="stable")
-            rows = rows[order]
-        shard = rows // self.per_shard
-        local = rows - shard * self.per_shard
-        out = np.empty((len(rows), *self.spec.shape), dtype=np.dtype(self.spec.dtype))
-        cuts = [0, *(np.flatnonzero(shard[1:] != shard[:-1]) + 1).tolist(), len(rows)]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            # 'clip' makes take write straight into out (rows are valid: they come from self.ids)
-            np.take(self._array(int(shard[a])), local[a:b], axis=0, out=out[a:b], mode="clip")
-        if order is not None:
-            x = np.empty_like(out)
-            x[order] = out
-            out = x
-        return torch.from_numpy(out), torch.from_numpy(self.labels[idx])
+    def _reader(self, s: int) -> RowReader:
+        if self.opened_pid != os.getpid():  # a forked worker opens its own files
+            self._readers, self.opened_pid = {}, os.getpid()
+        reader = self._readers.get(s)
+        if reader is None:
+            f = self.files[s]
+            reader = self._readers[s] = RowReader(f.path, f.offset, self.row_bytes, f.count, threads=8)
+        return reader
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """Records of ``positions`` read directly from their shards (no buffer), in the order asked."""
+        out = np.empty((len(positions), self.row_bytes), dtype=np.uint8)
+        shard, local = self.shard_of[positions], self.local[positions]
+        for s in np.unique(shard).tolist():
+            mine = np.flatnonzero(shard == s)
+            out[mine] = self._reader(s).read(local[mine])
+        return out
+
+    def __getitem__(self, i: int):
+        pos = np.asarray([int(i)], dtype=np.int64)
+        x, y = self.tensors(self.read(pos), pos)
+        return x[0], int(y[0])
+
+    def __getitems__(self, batch):
+        if isinstance(batch, RecordBatch):  # from ShardBatches: the records were read by the sampler
+            return self.tensors(batch.records, batch.positions)
+        pos = np.asarray(batch, dtype=np.int64)
+        return self.tensors(self.read(pos), pos)
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
-        return BlockShuffleBatchSampler(
-            self.shard_of, self.buffer_shards, batch_size, shuffle, drop_last, seed
+        stream = BufferStream(self.files, mode=self.buffers)
+        return ShardBatches(
+            self.shard_of,
+            self.buffer_shards,
+            batch_size,
+            shuffle,
+            drop_last,
+            seed,
+            local=self.local,
+            stream=stream,
         )
 
 
 class BlockShuffleBatchSampler(EpochBatches):
-    """Batches of a block-shuffled order of positions; each batch's indices sorted (one read per shard)."""
+    """Batches of positions in a block-shuffled order; each batch's positions sorted.
+
+    ``shard_of[i]`` is position i's shard, ``local[i]`` its record there (default: positions in order).
+    Per epoch: shards in a random order, ``buffer_shards`` at a time, positions shuffled within each buffer.
+    Unshuffled: shards in order, records in file order. ``for_rank(r, w)``: rank r's slice of every shard.
+    """
 
     def __init__(
-        self, shard_of, buffer_shards: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0
+        self,
+        shard_of,
+        buffer_shards: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        *,
+        local=None,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.shard_of = np.asarray(shard_of, dtype=np.int64)
-        self.n = len(self.shard_of)
+        self.local = np.arange(len(self.shard_of)) if local is None else np.asarray(local, dtype=np.int64)
         self.buffer_shards, self.batch_size = int(buffer_shards), int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, int(seed)
-        by_shard = np.argsort(self.shard_of, kind="stable")
-        shards, starts = np.unique(self.shard_of[by_shard], return_index=True)
-        self.groups = np.split(by_shard, starts[1:])  # positions of each shard holding any
+        self.rank, self.world = int(rank), int(world)
+        by_shard = np.lexsort((self.local, self.shard_of))  # shard, then file order
+        self.file_rank = np.empty(len(by_shard), dtype=np.int64)  # each position's place in file order
+        self.file_rank[by_shard] = np.arange(len(by_shard))
+        _, starts = np.unique(self.shard_of[by_shard], return_index=True)
+        groups = np.split(by_shard, starts[1:]) if len(by_shard) else []
+        if self.world > 1:  # this rank's contiguous slice of each shard's records
+            groups = [np.array_split(g, self.world)[self.rank] for g in groups]
+        self.groups = groups  # positions of each shard holding any, in file order
+        self.n = int(sum(len(g) for g in groups))  # positions per epoch (this rank's)
+
+    def for_rank(self, rank: int, world: int) -> BlockShuffleBatchSampler:
+        """This sampler for rank ``rank`` of ``world`` (torchrun): every rank reads only its own slices."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        BlockShuffleBatchSampler.__init__(
+            clone,
+            self.shard_of,
+            self.buffer_shards,
+            self.batch_size,
+            self.shuffle,
+            self.drop_last,
+            self.seed,
+            local=self.local,
+            rank=rank,
+            world=world,
+        )
+        return clone
+
+    @property
+    def num_samples(self) -> int:
+        """Positions this sampler yields per epoch (before drop_last)."""
+        return self.n
 
     def __len__(self) -> int:
-        return num_batches(len(self.shard_of), self.batch_size, self.drop_last)
+        return num_batches(self.n, self.batch_size, self.drop_last)
 
-    def epoch_order(self, seed: int) -> np.ndarray:
-        """Every position once: shards in random order, shuffled within buffers of shards."""
+    def epoch_buffers(self, seed: int | None) -> list[np.ndarray]:
+        """The epoch's buffers, each its positions in the order they are used; ``seed=None``: unshuffled."""
+        b = self.buffer_shards
+        if seed is None:
+            return [np.concatenate(self.groups[g : g + b]) for g in range(0, len(self.groups), b)]
         rng = np.random.default_rng(seed)
         shard_order = rng.permutation(len(self.groups))
-        parts = []
-        for g in range(0, len(shard_order), self.buffer_shards):
-            buffer = np.concatenate([self.groups[s] for s in shard_order[g : g + self.buffer_shards]])
-            parts.append(rng.permutation(buffer))
+        return [
+            rng.permutation(np.concatenate([self.groups[s] for s in shard_order[g : g + b]]))
+            for g in range(0, len(shard_order), b)
+        ]
+
+    def epoch_order(self, seed: int | None) -> np.ndarray:
+        """Every position once: shards in random order, shuffled within buffers of shards."""
+        parts = self.epoch_buffers(seed)
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
+    def _epoch_seed(self) -> int | None:
+        return self.next_epoch_seed() if self.shuffle else None
+
     def __iter__(self):
-        if self.shuffle:
-            order = self.epoch_order(self.next_epoch_seed())
-        else:
-            order = np.arange(len(self.shard_of), dtype=np.int64)
-        yield from chop(order, self.batch_size, self.drop_last, sort=self.shuffle)
+        order = self.epoch_order(self._epoch_seed())
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield self.in_file_order(batch) if self.shuffle else batch
+
+    def in_file_order(self, positions: np.ndarray) -> np.ndarray:
+        """The order that sorts ``positions`` as their records lie in the files (one read per shard)."""
+        return positions[np.argsort(self.file_rank[positions], kind="stable")]
+
+
+class ShardBatches(BlockShuffleBatchSampler):
+    """``BlockShuffleBatchSampler`` whose batches carry their records, read buffer by buffer by ``stream``."""
+
+    def __init__(self, *args, stream: BufferStream, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stream = stream
+
+    def _batch(self, positions: np.ndarray, records) -> RecordBatch:
+        """``records`` is the buffer and the batch's indices into it, or already gathered rows."""
+        if self.shuffle:  # gather in file order (a mapped buffer reads each shard's part at once)
+            order = np.argsort(self.file_rank[positions], kind="stable")
+            positions = positions[order]
+            records = (records[0], records[1][order]) if isinstance(records, tuple) else records[order]
+        if isinstance(records, tuple):
+            records = records[0].rows(records[1])
+        return RecordBatch(positions, records)
+
+    def __iter__(self):
+        bs = self.batch_size
+        buffers = self.epoch_buffers(self._epoch_seed())
+        loads = self.stream.load((self.shard_of[b], self.local[b]) for b in buffers)
+        pending = None  # (positions, records) of a batch begun in the buffer before
+        try:
+            for positions, buf in zip(buffers, loads):
+                i = 0
+                if pending is not None:
+                    i = min(bs - len(pending[0]), len(positions))
+                    pending = (
+                        np.concatenate([pending[0], positions[:i]]),
+                        np.concatenate([pending[1], buf.rows(np.arange(i))]),
+                    )
+                    if len(pending[0]) == bs:
+                        yield self._batch(*pending)
+                        pending = None
+                while i + bs <= len(positions):
+                    yield self._batch(positions[i : i + bs], (buf, np.arange(i, i + bs)))
+                    i += bs
+                if i < len(positions):
+                    pending = (positions[i:], buf.rows(np.arange(i, len(positions))))
+                buf.release()
+            if pending is not None and not self.drop_last:
+                yield self._batch(*pending)
+        finally:
+            loads.close()
