@@ -175,8 +175,9 @@ def _loader_batches(tmp_path, ds, **loader):
     return [[(bx.numpy(), by.numpy()) for bx, by in built] for _ in range(2)]
 
 
-def test_same_batches_for_0_or_2_workers_and_with_thread_prefetch(tmp_path):
-    ds, x, y, ids = _export(tmp_path, buffers="memory")
+@pytest.mark.parametrize("buffers", ["memory", "mapped"])
+def test_same_batches_for_0_or_2_workers_and_with_thread_prefetch(tmp_path, buffers):
+    ds, x, y, ids = _export(tmp_path, buffers=buffers)
     ref = _loader_batches(tmp_path, ds)
     for loader in (
         dict(num_workers=2),

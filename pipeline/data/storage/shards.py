@@ -56,6 +56,7 @@ from pipeline.data.storage.stream import (
     RowReader,
     memory_room_bytes,
     npy_layout,
+    runs_of,
 )
 from pipeline.training.seeding import derive_seed
 
@@ -227,16 +228,23 @@ class Dataset(torch.utils.data.Dataset):
         slots = slot_of[self.ids]
         self.shard_of = slots // self.per_shard  # shard of each position
         self.local = slots - self.shard_of * self.per_shard  # its record in that shard
+        self.slot = slots  # its record among all, shard after shard (file order)
         cfg = cfg if cfg is not None else {}
         self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
         self.buffers = buffer_mode(cfg.get("buffers", "auto"), spec.num_samples * self.row_bytes)
+        self.stream = BufferStream(self.files, mode=self.buffers)
         self._readers: dict[int, RowReader] = {}
-        self.opened_pid: int | None = None  # which process opened the files for direct reads
+        self._readers_pid: int | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_readers"], state["opened_pid"] = {}, None
+        state["_readers"], state["_readers_pid"] = {}, None
         return state
+
+    @property
+    def opened_pid(self) -> int | None:
+        """Which process opened the files for direct reads (each DataLoader worker opens its own)."""
+        return self.stream.opened_pid if self.buffers == "mapped" else self._readers_pid
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -246,8 +254,8 @@ class Dataset(torch.utils.data.Dataset):
         return x, torch.from_numpy(self.labels[positions])
 
     def _reader(self, s: int) -> RowReader:
-        if self.opened_pid != os.getpid():  # a forked worker opens its own files
-            self._readers, self.opened_pid = {}, os.getpid()
+        if self._readers_pid != os.getpid():  # a forked worker opens its own files
+            self._readers, self._readers_pid = {}, os.getpid()
         reader = self._readers.get(s)
         if reader is None:
             f = self.files[s]
@@ -255,12 +263,23 @@ class Dataset(torch.utils.data.Dataset):
         return reader
 
     def read(self, positions: np.ndarray) -> np.ndarray:
-        """Records of ``positions`` read directly from their shards (no buffer), in the order asked."""
-        out = np.empty((len(positions), self.row_bytes), dtype=np.uint8)
-        shard, local = self.shard_of[positions], self.local[positions]
-        for s in np.unique(shard).tolist():
-            mine = np.flatnonzero(shard == s)
-            out[mine] = self._reader(s).read(local[mine])
+        """Records of ``positions`` read directly from their shards, in the order asked: through the
+        stream's memory maps with ``buffers=mapped`` (where ``ShardBatches`` leaves the reads to
+        ``__getitems__``), else with ``RowReader``s (no readahead)."""
+        slots = self.slot[positions]
+        order = None if bool((slots[1:] >= slots[:-1]).all()) else np.argsort(slots, kind="stable")
+        pos = positions if order is None else positions[order]
+        shard, local = self.shard_of[pos], self.local[pos]
+        if self.buffers == "mapped":
+            rows = self.stream.gather(shard, local)
+        else:
+            rows = np.empty((len(pos), self.row_bytes), dtype=np.uint8)
+            for s, a, b in runs_of(shard):
+                self._reader(s).read(local[a:b], out=rows[a:b])
+        if order is None:
+            return rows
+        out = np.empty_like(rows)
+        out[order] = rows
         return out
 
     def __getitem__(self, i: int):
@@ -275,7 +294,6 @@ class Dataset(torch.utils.data.Dataset):
         return self.tensors(self.read(pos), pos)
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
-        stream = BufferStream(self.files, mode=self.buffers)
         return ShardBatches(
             self.shard_of,
             self.buffer_shards,
@@ -284,7 +302,7 @@ class Dataset(torch.utils.data.Dataset):
             drop_last,
             seed,
             local=self.local,
-            stream=stream,
+            stream=self.stream,
         )
 
 
@@ -371,58 +389,85 @@ class BlockShuffleBatchSampler(EpochBatches):
         return self.next_epoch_seed() if self.shuffle else None
 
     def __iter__(self):
-        order = self.epoch_order(self._epoch_seed())
+        order = self.batch_order(self.epoch_order(self._epoch_seed()))
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
-            batch = order[start : start + self.batch_size]
-            yield self.in_file_order(batch) if self.shuffle else batch
+            yield order[start : start + self.batch_size]
 
-    def in_file_order(self, positions: np.ndarray) -> np.ndarray:
-        """The order that sorts ``positions`` as their records lie in the files (one read per shard)."""
-        return positions[np.argsort(self.file_rank[positions], kind="stable")]
+    def batch_order(self, order: np.ndarray) -> np.ndarray:
+        """``order`` with each batch's positions sorted as their records lie in the files (one read per
+        shard), in one sort for the epoch; unshuffled orders are left as they are."""
+        if not self.shuffle or not len(order):
+            return order
+        keys, bs = self.file_rank[order], self.batch_size
+        full = len(order) // bs * bs
+        idx = np.empty(len(order), dtype=np.int64)
+        per_batch = np.argsort(keys[:full].reshape(-1, bs), axis=1, kind="stable")
+        idx[:full] = (per_batch + np.arange(0, full, bs)[:, None]).ravel()
+        idx[full:] = full + np.argsort(keys[full:], kind="stable")
+        return order[idx]
 
 
 class ShardBatches(BlockShuffleBatchSampler):
-    """``BlockShuffleBatchSampler`` whose batches carry their records, read buffer by buffer by ``stream``."""
+    """``BlockShuffleBatchSampler`` that reads its buffers with ``stream``: with ``memory`` buffers each batch
+    is a ``RecordBatch`` carrying its records; with ``mapped`` ones it is the positions (in file order), which
+    ``__getitems__`` reads from its own maps -- in the workers when there are workers -- while this asks the
+    kernel to read the next buffer ahead."""
 
     def __init__(self, *args, stream: BufferStream, **kwargs):
         super().__init__(*args, **kwargs)
         self.stream = stream
 
-    def _batch(self, positions: np.ndarray, records) -> RecordBatch:
-        """``records`` is the buffer and the batch's indices into it, or already gathered rows."""
-        if self.shuffle:  # gather in file order (a mapped buffer reads each shard's part at once)
-            order = np.argsort(self.file_rank[positions], kind="stable")
-            positions = positions[order]
-            records = (records[0], records[1][order]) if isinstance(records, tuple) else records[order]
-        if isinstance(records, tuple):
-            records = records[0].rows(records[1])
-        return RecordBatch(positions, records)
-
     def __iter__(self):
-        bs = self.batch_size
         buffers = self.epoch_buffers(self._epoch_seed())
         loads = self.stream.load((self.shard_of[b], self.local[b]) for b in buffers)
-        pending = None  # (positions, records) of a batch begun in the buffer before
         try:
-            for positions, buf in zip(buffers, loads):
-                i = 0
-                if pending is not None:
-                    i = min(bs - len(pending[0]), len(positions))
-                    pending = (
-                        np.concatenate([pending[0], positions[:i]]),
-                        np.concatenate([pending[1], buf.rows(np.arange(i))]),
-                    )
-                    if len(pending[0]) == bs:
-                        yield self._batch(*pending)
-                        pending = None
-                while i + bs <= len(positions):
-                    yield self._batch(positions[i : i + bs], (buf, np.arange(i, i + bs)))
-                    i += bs
-                if i < len(positions):
-                    pending = (positions[i:], buf.rows(np.arange(i, len(positions))))
-                buf.release()
-            if pending is not None and not self.drop_last:
-                yield self._batch(*pending)
+            if self.stream.mode == "mapped":
+                yield from self._positions(buffers, loads)
+            else:
+                yield from self._records(buffers, loads)
         finally:
             loads.close()
+
+    def _positions(self, buffers: list, loads):
+        order = self.batch_order(np.concatenate(buffers) if buffers else np.empty(0, dtype=np.int64))
+        ends = np.cumsum([len(b) for b in buffers])
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        advanced = 0  # buffers handed out by ``loads`` (each one advises the kernel of the next)
+        for start in range(0, stop, self.batch_size):
+            last = min(start + self.batch_size, len(order)) - 1
+            while advanced < len(buffers) and (advanced == 0 or ends[advanced - 1] <= last):
+                next(loads)
+                advanced += 1
+            yield order[start : start + self.batch_size]
+
+    def _batch(self, positions: np.ndarray, buf, idx: np.ndarray | None, rows=None) -> RecordBatch:
+        """The batch of ``positions``: records ``idx`` of buffer ``buf``, or ``rows`` already gathered."""
+        if self.shuffle:  # in file order, as the plain sampler's batches
+            order = np.argsort(self.file_rank[positions], kind="stable")
+            positions = positions[order]
+            idx, rows = (idx[order], None) if rows is None else (None, rows[order])
+        return RecordBatch(positions, buf.rows(idx) if rows is None else rows)
+
+    def _records(self, buffers: list, loads):
+        bs = self.batch_size
+        pending = None  # (positions, rows) of a batch begun in the buffer before
+        for positions, buf in zip(buffers, loads):
+            i = 0
+            if pending is not None:
+                i = min(bs - len(pending[0]), len(positions))
+                pending = (
+                    np.concatenate([pending[0], positions[:i]]),
+                    np.concatenate([pending[1], buf.rows(np.arange(i))]),
+                )
+                if len(pending[0]) == bs:
+                    yield self._batch(pending[0], None, None, pending[1])
+                    pending = None
+            while i + bs <= len(positions):
+                yield self._batch(positions[i : i + bs], buf, np.arange(i, i + bs))
+                i += bs
+            if i < len(positions):
+                pending = (positions[i:], buf.rows(np.arange(i, len(positions))))
+            buf.release()
+        if pending is not None and not self.drop_last:
+            yield self._batch(pending[0], None, None, pending[1])
