@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
@@ -137,3 +138,23 @@ def test_flip_crop_metrics_are_bitwise_identical_for_0_and_2_workers_and_uint8_s
     plain = run_job(tmp_path, ["trainer.epochs=2"], "no_transform")
     assert histories(tmp_path, plain) != h["w0"]  # the transform does change training
     assert "transform.train_mean" not in client(tmp_path).get_run(plain).data.params
+
+
+@pytest.mark.slow  # ~20 s: three jobs
+@pytest.mark.parametrize("buffers", ["memory", "mapped"])
+def test_shards_give_bitwise_identical_metrics_for_0_or_2_workers_and_thread_prefetch(tmp_path, buffers):
+    """shards' batch sampler reads the buffers and hands each batch its records (memory) or positions
+    (mapped): the batches, so the metrics, do not depend on where ``__getitems__`` runs."""
+    shards = ["storage=shards", "storage.shard_size_mb=0.05", "storage.shuffle_buffer_shards=2"]
+    shards.append(f"storage.buffers={buffers}")
+    runs = {
+        name: run_job(tmp_path, ["trainer.epochs=2", *shards, *overrides], name)
+        for name, overrides in [
+            ("w0", ["loader.num_workers=0"]),
+            ("w2", ["loader.num_workers=2"]),
+            ("prefetch", ["loader.thread_prefetch=3"]),
+        ]
+    }
+    h = {name: histories(tmp_path, run_id) for name, run_id in runs.items()}
+    assert all(len(v) == 2 for v in h["w0"].values())
+    assert h["w0"] == h["w2"] == h["prefetch"]

@@ -86,7 +86,7 @@ def test_row_reader_reads_any_rows_cold_then_through_the_map_when_warm(rows_file
     np.testing.assert_array_equal(reader.read(np.arange(300)), x)  # through the map
     np.testing.assert_array_equal(reader.read([7]), x[[7]])
     assert reader.read([]).shape == (0, 5000)
-    with pytest.raises(IndexError, match="outside"):
+    with pytest.raises(IndexError):
         reader.read([300])
 
 
@@ -95,15 +95,17 @@ def test_row_reader_leaves_the_map_when_the_cache_loses_the_file(tmp_path):
     x = np.arange(64 * 4096, dtype=np.uint8).reshape(64, 4096)
     path = tmp_path / "rows.npy"
     reader = RowReader(path, npy_file(path, x), 4096, 64)
-    first, rest = np.arange(32), np.arange(32, 64)
+    first = np.arange(32)
     reader.read(first)
     while not reader.mapped:  # rows 0-31 read with pread only: cached, never touched through the map
         np.testing.assert_array_equal(reader.read(first), x[first])
     evict(path)
     assert cached_fraction(path) < 0.5
-    np.testing.assert_array_equal(reader.read(first), x[first])  # the probe misses: back to pread
+    for k in range(stream.PROBE_EVERY):  # rows never read: through the map until a probe misses
+        batch = np.arange(32 + 4 * k, 36 + 4 * k)
+        np.testing.assert_array_equal(reader.read(batch), x[batch])
     assert not reader.mapped
-    np.testing.assert_array_equal(reader.read(rest), x[rest])
+    np.testing.assert_array_equal(reader.read(first), x[first])
 
 
 def test_row_reader_names_a_truncated_file(rows_file):

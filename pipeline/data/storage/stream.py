@@ -23,9 +23,9 @@ rows (sorted, adjacent ones in one read) in two steps:
    ``threads`` threads, so a batch's misses wait on the disk side by side, not one after the other.
 
 Warm, step 1 costs a system call per row, about twice a fancy index on a memory map. So after
-``MAPPED_AFTER`` consecutive batches served wholly from the cache the reader reads through its own map:
-each batch probes its first row with ``RWF_NOWAIT`` and, when cached, takes the rest with one fancy index
-(the speed of the plain memory map); a probe that misses goes back to steps 1-2.
+``MAPPED_AFTER`` consecutive batches served wholly from the cache the reader reads through its own map,
+one fancy index per batch (the speed of the plain memory map); every ``PROBE_EVERY``-th batch first reads
+its first row with ``RWF_NOWAIT``, and a miss (the cache lost the file) goes back to steps 1-2.
 
 **Sequential buffers** (``BufferStream``: ``shards``; built for any shard files of fixed- or
 variable-size records). A request -- the records of a few shards that a shuffle will mix -- is held one of
@@ -58,6 +58,7 @@ from pipeline.data.integrity import IntegrityError
 
 MIB = 2**20
 MAPPED_AFTER = 8  # consecutive fully cached batches before RowReader reads through its map
+PROBE_EVERY = 8  # reading through its map, RowReader checks every this many batches that the cache holds rows
 PIECE = 8 * MIB  # bytes per pread of a sequential range (pieces end on multiples of it)
 FOLIO = 2 * MIB  # the largest page-cache folio on x86-64 (PMD size)
 SPARSE_GAP = 16 * 1024  # a sparse read coalesces records whose gap is at most this
@@ -188,11 +189,12 @@ class RowReader:
         self.opened_pid: int | None = None
         self._fd = self._map = self._rows = None
         self.mapped, self.clean = False, 0  # reading through the map; fully cached batches in a row
+        self.batches = 0
         self.nowait = RWF_NOWAIT is not None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(opened_pid=None, _fd=None, _map=None, _rows=None, mapped=False, clean=0)
+        state.update(opened_pid=None, _fd=None, _map=None, _rows=None, mapped=False, clean=0, batches=0)
         return state
 
     def _open(self) -> None:
@@ -218,6 +220,12 @@ class RowReader:
     def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (any order, repeats allowed) as a ``(len(rows), row_bytes)`` uint8 array."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.mapped and self.opened_pid == os.getpid():
+            self.batches += 1
+            if self.batches % PROBE_EVERY:  # warm: one fancy index on the map (it checks the bounds)
+                if out is None:
+                    return self._rows.take(rows, axis=0)
+                return self._rows.take(rows, axis=0, out=out)
         if out is None:
             out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)
         if len(rows) == 0:
@@ -270,6 +278,7 @@ class RowReader:
         if not misses:
             self.clean += 1
             self.mapped = self.nowait and self.clean >= MAPPED_AFTER
+            self.batches = 0
             return
         self.clean = 0
         self._read_misses(view, misses)

@@ -1,0 +1,283 @@
+"""Reader benchmark: the array formats' readers warm and out of core, beside the readers they replace.
+
+    python -m pipeline.bench.readers                                    # 250,000 samples, 1 GiB cgroup
+    python -m pipeline.bench.readers --samples 13233 --warm-only        # LFW-sized, page cache warm
+    python -m pipeline.bench.readers --points memmap memmap-plain pt --limit-mb 512 --samples 100000
+
+Exports LFW-shaped synthetic samples (62x47 float32, 11,656 bytes) as ``memmap``,
+``shards`` and (for ``pt``) one file per sample under ``--data-dir`` (reused across runs), then measures each
+point in a fresh child process through the training loader (``build_loader``, batch 64, 0 workers):
+
+- **warm**: one untimed pass, then the median of ``--passes`` timed passes (the page cache holds the data);
+- **cold** (root): the child joins a memory cgroup of ``--limit-mb`` (v2 ``memory.max`` or v1
+  ``memory.limit_in_bytes``; page cache charged), caches are dropped, one pass of at most ``--seconds``.
+  The data should be at least twice the limit so that it cannot be cached.
+
+Points: ``memmap`` (this checkout's reader), ``memmap-plain`` (the same file through
+``np.load(mmap_mode="r")``, one sorted fancy index per batch: the reader before), ``shards-memory`` /
+``shards-mapped`` (``storage.buffers``), ``pt`` (one ``torch.save`` file per sample), ``disk``: 4 MiB reads of
+the shard files (the disk's sequential bandwidth, the ceiling of a sequential reader). Printed: samples/s,
+MB/s, read amplification (``read_bytes`` of ``/proc/self/io`` over the bytes delivered), the ratio to
+``pt`` and the ratio of MB/s to ``disk`` in the same run. Cgroups are named ``pipeline-bench-readers-<pid>``
+and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POINTS = ("memmap", "memmap-plain", "shards-memory", "shards-mapped", "pt", "disk")
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+def read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Cgroup:
+    """A memory cgroup for this process (v2 where mounted, else v1), removed on exit."""
+
+    def __init__(self, limit_mb: int) -> None:
+        v2 = (CGROUP_V2 / "cgroup.controllers").exists()
+        base = CGROUP_V2 if v2 else CGROUP_V1
+        self.path = base / f"pipeline-bench-readers-{os.getpid()}"
+        self.root = base
+        self.limit = (self.path / ("memory.max" if v2 else "memory.limit_in_bytes"), str(int(limit_mb) << 20))
+
+    def __enter__(self) -> "Cgroup":
+        self.path.mkdir()
+        self.limit[0].write_text(self.limit[1])
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (self.root / "cgroup.procs").write_text(str(os.getpid()))
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def _exports(args):
+    """(memmap export, shards export, pt export or None) for the benchmark's data."""
+    from omegaconf import OmegaConf
+
+    import pipeline.config  # noqa: F401  registers the schemas
+    from pipeline.config.schema import ShardsStorageConfig, SyntheticConfig
+    from pipeline.data.export import export
+
+    source = OmegaConf.structured(
+        SyntheticConfig(num_samples=args.samples, shape=[62, 47], num_classes=args.classes)
+    )
+    shards = OmegaConf.structured(ShardsStorageConfig())
+    made = {
+        "memmap": export(source, OmegaConf.create({"name": "memmap"}), args.data_dir),
+        "shards": export(source, shards, args.data_dir),
+    }
+    if any(p == "pt" for p in args.points):
+        made["pt"] = export(source, OmegaConf.create({"name": "pt"}), args.data_dir)
+    return made
+
+
+class PlainMemmap:
+    """The memmap reader before: ``np.load(mmap_mode="r")`` (kernel readahead on), one sorted fancy index per
+    batch, behind the same batch sampler."""
+
+    def __init__(self, root: Path, labels, ids) -> None:
+        import numpy as np
+
+        from pipeline.data.storage.batching import passthrough_collate
+
+        self.collate_fn = passthrough_collate
+        self.path, self.ids, self.labels = (
+            Path(root) / "samples.npy",
+            np.asarray(ids),
+            np.asarray(labels)[ids],
+        )
+        self.array = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitems__(self, idx):
+        import numpy as np
+        import torch
+
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r").view(np.ndarray)
+        idx = np.asarray(idx)
+        return torch.from_numpy(self.array[self.ids[idx]]), torch.from_numpy(self.labels[idx])
+
+    def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
+        from pipeline.data.storage.batching import RandomBatchSampler
+
+        return RandomBatchSampler(len(self), batch_size, shuffle, drop_last, seed)
+
+
+def _loader(point: str, exp):
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.config.schema import LoaderConfig, SplitConfig
+    from pipeline.data.partition import partition
+    from pipeline.training.loading import build_loader
+
+    split = partition(exp.labels, OmegaConf.structured(SplitConfig(stratify=False)))
+    if point == "memmap-plain":
+        ds = PlainMemmap(exp.root, exp.labels, split.train)
+    else:
+        storage = OmegaConf.create(exp.manifest["storage"])
+        if point.startswith("shards-"):
+            storage.buffers = point.split("-", 1)[1]
+        ds = exp.dataset(split.train, storage)
+    cfg = OmegaConf.structured(LoaderConfig(pin_memory="false"))
+    return build_loader(ds, cfg, seed=0, train=True, device=torch.device("cpu"))
+
+
+def _disk(exp, seconds: float) -> tuple[int, float]:
+    """Bytes read and seconds taken reading the shard files front to back in 4 MiB reads."""
+    total, t0 = 0, time.perf_counter()
+    for path in sorted((exp.root / "shards").glob("shard-*.npy")):
+        fd, offset = os.open(path, os.O_RDONLY), 0
+        try:
+            while time.perf_counter() - t0 < seconds:
+                got = len(os.pread(fd, 4 << 20, offset))
+                if not got:
+                    break
+                offset += got
+        finally:
+            os.close(fd)
+        total += offset
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return total, time.perf_counter() - t0
+
+
+def child(args) -> dict:
+    """One point, in this (fresh) process: its figures as a dict."""
+    import torch
+
+    torch.set_num_threads(1)
+    exps = _exports(args)
+    point = args.child
+    exp = exps["shards" if point in ("shards-memory", "shards-mapped", "disk") else point.split("-")[0]]
+    sample_bytes = 62 * 47 * 4
+    if args.cold:
+        with Cgroup(args.limit_mb):
+            if point != "disk":
+                loader = _loader(point, exp)  # inside the cgroup: buffers=auto sees the limit
+            drop_caches()
+            before, t0 = read_bytes(), time.perf_counter()
+            if point == "disk":
+                delivered, seconds = _disk(exp, args.seconds)
+            else:
+                n = 0
+                for _, y in loader:
+                    n += len(y)
+                    if time.perf_counter() - t0 > args.seconds:
+                        break
+                delivered, seconds = n * sample_bytes, time.perf_counter() - t0
+            disk = read_bytes() - before
+        return {
+            "samples_per_s": delivered / sample_bytes / seconds,
+            "amplification": disk / max(delivered, 1),
+        }
+    if point == "disk":
+        return {}
+    loader = _loader(point, exp)
+    rates = []
+    for k in range(args.passes + 1):
+        n, t0 = 0, time.perf_counter()
+        for _, y in loader:
+            n += len(y)
+        if k:
+            rates.append(n / (time.perf_counter() - t0))
+    return {"samples_per_s": statistics.median(rates), "amplification": 0.0}
+
+
+def run_point(args, point: str, cold: bool) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.bench.readers", "--child", point, *sys.argv[1:]]
+    if cold:
+        cmd.append("--cold")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict, sample_bytes: int) -> str:
+    lines = [
+        "| point | condition | samples/s | MB/s | read amplification | x pt | x disk MB/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cond in ("warm", "cold"):
+        pt = results.get(("pt", cond), {}).get("samples_per_s")
+        disk = results.get(("disk", "cold"), {}).get("samples_per_s")
+        for point in POINTS:
+            r = results.get((point, cond))
+            if r is None or (point == "disk" and cond == "warm"):
+                continue
+            if "error" in r:
+                lines.append(f"| {point} | {cond} | failed: {r['error']} | | | | |")
+                continue
+            rate = r["samples_per_s"]
+            amp = f"{r['amplification']:.2f}" if cond == "cold" else "-"
+            vs_pt = f"{rate / pt:.1f}" if pt and point != "disk" else "-"
+            vs_disk = f"{rate / disk:.2f}" if disk and cond == "cold" else "-"
+            mb = rate * sample_bytes / 1e6
+            lines.append(f"| {point} | {cond} | {rate:,.0f} | {mb:,.0f} | {amp} | {vs_pt} | {vs_disk} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=250_000)
+    p.add_argument("--classes", type=int, default=5749)
+    p.add_argument("--limit-mb", type=int, default=1024)
+    p.add_argument("--seconds", type=float, default=15.0, help="longest cold pass")
+    p.add_argument("--passes", type=int, default=3, help="timed warm passes")
+    p.add_argument("--points", nargs="+", default=list(POINTS), choices=POINTS)
+    p.add_argument("--warm-only", action="store_true")
+    p.add_argument("--cold-only", action="store_true")
+    p.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
+    p.add_argument("--child", choices=POINTS, help=argparse.SUPPRESS)
+    p.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    _exports(args)  # once, here, not in the children
+    results = {}
+    for cond in [
+        c for c in ("warm", "cold") if not (c == "warm" and args.cold_only or c == "cold" and args.warm_only)
+    ]:
+        for point in args.points:
+            if point == "disk" and cond == "warm":
+                continue
+            results[(point, cond)] = run_point(args, point, cond == "cold")
+            print(f"{point:14s} {cond}: {results[(point, cond)]}", file=sys.stderr, flush=True)
+    data_mb = args.samples * 62 * 47 * 4 / 1e6
+    print(f"\n{args.samples:,} LFW-shaped samples ({data_mb:,.0f} MB); cold: {args.limit_mb} MiB cgroup")
+    print(table(results, 62 * 47 * 4))
+
+
+if __name__ == "__main__":
+    main()
