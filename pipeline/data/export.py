@@ -272,6 +272,8 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
     np.save(tmp / LABELS, labels, allow_pickle=False)
     fsio.sync_tree(tmp)  # every sample on disk before the manifest says the export is complete
+    if hasattr(writer, "after_sync"):  # a format's step once its files are on disk (shards: uncache them)
+        writer.after_sync()
     files = write_file_list(tmp, getattr(writer, "digests", None))  # size, mtime, sha256 per file
     manifest = {
         "layout_version": LAYOUT_VERSION,

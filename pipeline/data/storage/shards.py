@@ -119,6 +119,18 @@ class Writer:
     def count(self, s: int) -> int:
         return min(self.per_shard, self.spec.num_samples - s * self.per_shard)
 
+    def after_sync(self) -> None:
+        """Called by the export once every file is on disk: drop the shards from the page cache. Written in
+        random order, their cached pages are small (4 KiB folios), and batches gathered through a memory map
+        from those ran ~30% slower than from the large folios the kernel's readahead makes when the files
+        are read back; so the first read does that."""
+        for s in range(self.num_shards):
+            fd = os.open(self.folder / shard_name(s), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     def _fd(self, s: int) -> int:
         fd = self.fds.get(s)
         if fd is None:
