@@ -9,17 +9,17 @@ Exports LFW-shaped synthetic samples (62x47 float32, 11,656 bytes) as ``memmap``
 point in a fresh child process through the training loader (``build_loader``, batch 64, 0 workers):
 
 - **warm**: one untimed pass, then the median of ``--passes`` timed passes (the page cache holds the data);
-- **cold** (root): the child joins a memory cgroup of ``--limit-mb`` (v2 ``memory.max`` or v1
-  ``memory.limit_in_bytes``; page cache charged), caches are dropped, one pass of at most ``--seconds``.
-  The data should be at least twice the limit so that it cannot be cached.
+- **cold** (root): the child joins a memory cgroup of ``--limit-mb`` (pipeline.system.cgroups; the page
+  cache is charged), the export's pages are dropped (pipeline.system.page_cache), one pass of at most
+  ``--seconds``. The data should be at least twice the limit so that it cannot be cached.
 
 Points: ``memmap`` (this checkout's reader), ``memmap-plain`` (the same file through
 ``np.load(mmap_mode="r")``, one sorted fancy index per batch: the reader before), ``shards-memory`` /
 ``shards-mapped`` (``storage.buffers``), ``pt`` (one ``torch.save`` file per sample), ``disk``: 4 MiB reads of
 the shard files (the disk's sequential bandwidth, the ceiling of a sequential reader). Printed: samples/s,
-MB/s, read amplification (``read_bytes`` of ``/proc/self/io`` over the bytes delivered), the ratio to
-``pt`` and the ratio of MB/s to ``disk`` in the same run. Cgroups are named ``pipeline-bench-readers-<pid>``
-and removed afterwards.
+MB/s, read amplification (pipeline.system.iocount's disk bytes over the bytes delivered), the ratio to
+``pt`` and the ratio of MB/s to ``disk`` in the same run. ``python -m pipeline.bench bench.cache=cold
+bench.memory_limit_mb=N`` measures the formats as they are; this compares their readers with the ones before.
 """
 
 from __future__ import annotations
@@ -34,46 +34,7 @@ import time
 from pathlib import Path
 
 POINTS = ("memmap", "memmap-plain", "shards-memory", "shards-mapped", "pt", "disk")
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
-CGROUP_V2 = Path("/sys/fs/cgroup")
-
-
-def read_bytes() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
-
-
-class Cgroup:
-    """A memory cgroup for this process (v2 where mounted, else v1), removed on exit."""
-
-    def __init__(self, limit_mb: int) -> None:
-        v2 = (CGROUP_V2 / "cgroup.controllers").exists()
-        base = CGROUP_V2 if v2 else CGROUP_V1
-        self.path = base / f"pipeline-bench-readers-{os.getpid()}"
-        self.root = base
-        self.limit = (self.path / ("memory.max" if v2 else "memory.limit_in_bytes"), str(int(limit_mb) << 20))
-
-    def __enter__(self) -> "Cgroup":
-        self.path.mkdir()
-        self.limit[0].write_text(self.limit[1])
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        (self.root / "cgroup.procs").write_text(str(os.getpid()))
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3")
+MiB = 2**20
 
 
 def _exports(args):
@@ -181,11 +142,15 @@ def child(args) -> dict:
     exp = exps["shards" if point in ("shards-memory", "shards-mapped", "disk") else point.split("-")[0]]
     sample_bytes = 62 * 47 * 4
     if args.cold:
-        with Cgroup(args.limit_mb):
+        from pipeline.system.cgroups import MemoryCgroup
+        from pipeline.system.iocount import disk_read_bytes
+        from pipeline.system.page_cache import drop
+
+        with MemoryCgroup(args.limit_mb * MiB, prefix="pipeline-bench-readers"):
             if point != "disk":
                 loader = _loader(point, exp)  # inside the cgroup: buffers=auto sees the limit
-            drop_caches()
-            before, t0 = read_bytes(), time.perf_counter()
+            drop(exp.root)  # nothing of it is mapped yet
+            before, t0 = disk_read_bytes(), time.perf_counter()
             if point == "disk":
                 delivered, seconds = _disk(exp, args.seconds)
             else:
@@ -195,7 +160,7 @@ def child(args) -> dict:
                     if time.perf_counter() - t0 > args.seconds:
                         break
                 delivered, seconds = n * sample_bytes, time.perf_counter() - t0
-            disk = read_bytes() - before
+            disk = disk_read_bytes() - before
         return {
             "samples_per_s": delivered / sample_bytes / seconds,
             "amplification": disk / max(delivered, 1),
@@ -218,6 +183,10 @@ def run_point(args, point: str, cold: bool) -> dict:
     if cold:
         cmd.append("--cold")
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0:  # e.g. SIGKILL from the cgroup's OOM killer: no message of its own
+        return {
+            "error": f"killed by signal {-proc.returncode} (in a {args.limit_mb} MiB cgroup: out of memory?)"
+        }
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -41,6 +41,7 @@ shuffles its slices in buffers as above.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -54,11 +55,12 @@ from pipeline.data.storage.stream import (
     RecordBatch,
     RecordFile,
     RowReader,
-    memory_room_bytes,
     npy_layout,
     runs_of,
 )
 from pipeline.training.seeding import derive_seed
+
+log = logging.getLogger(__name__)
 
 FOLDER = "shards"
 INDEX = "index.json"
@@ -207,6 +209,17 @@ def read_index(folder: Path, spec) -> tuple[dict, np.ndarray]:
     return index, order.astype(np.int64)
 
 
+def memory_room_bytes() -> int:
+    """The memory this job may fill, page cache included: RAM, or its cgroup's limit where lower."""
+    import psutil
+
+    from pipeline.system.cgroups import memory_limit
+
+    total = int(psutil.virtual_memory().total)
+    limit = memory_limit()
+    return min(total, limit) if limit is not None else total
+
+
 def buffer_mode(setting, data_bytes: int) -> str:
     """``storage.buffers``: ``auto`` is ``memory`` when the export is larger than half the memory the job may
     use (it cannot stay cached across epochs anyway), else ``mapped``."""
@@ -244,6 +257,15 @@ class Dataset(torch.utils.data.Dataset):
         cfg = cfg if cfg is not None else {}
         self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
         self.buffers = buffer_mode(cfg.get("buffers", "auto"), spec.num_samples * self.row_bytes)
+        held = 2 * self.buffer_shards * self.per_shard * self.row_bytes
+        if self.buffers == "memory" and held > memory_room_bytes() // 2:
+            log.warning(
+                "shards: two buffers of %d shards hold %.0f MB, over half the %.0f MB this job may use; "
+                "lower storage.shuffle_buffer_shards or export smaller shards (storage.shard_size_mb)",
+                self.buffer_shards,
+                held / 1e6,
+                memory_room_bytes() / 1e6,
+            )
         self.stream = BufferStream(self.files, mode=self.buffers)
         self._readers: dict[int, RowReader] = {}
         self._readers_pid: int | None = None

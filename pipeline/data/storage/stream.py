@@ -135,38 +135,6 @@ def io_pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def memory_room_bytes() -> int:
-    """The memory this process may fill, page cache included: the smaller of MemTotal and its cgroup's limit
-    (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, walking up to the root)."""
-    room = 1 << 62
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                room = int(line.split()[1]) * 1024
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, rel = line.split(":", 2)
-            if controllers == "":
-                base, name = Path("/sys/fs/cgroup"), "memory.max"
-            elif "memory" in controllers.split(","):
-                base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
-            else:
-                continue
-            folder = base / rel.lstrip("/")
-            while True:
-                try:
-                    text = (folder / name).read_text().strip()
-                    if text.isdigit():
-                        room = min(room, int(text))
-                except OSError:
-                    pass
-                if folder == base or base not in folder.parents:
-                    break
-                folder = folder.parent
-    except OSError:
-        pass
-    return room
-
-
 # ---- random rows ----
 
 
