@@ -208,3 +208,27 @@ def test_buffer_stream_names_a_file_truncated_after_it_was_checked(tmp_path, mod
         for buf in BufferStream(files, mode=mode).load([(np.full(40, f), np.arange(40)) for f in range(3)]):
             buf.rows(np.arange(40))
             buf.release()
+
+
+def test_memmap_read_ahead_asks_for_each_batch_before_it_is_read_and_only_for_its_rank():
+    from pipeline.data.storage.batching import RandomBatchSampler
+    from pipeline.data.storage.memmap import ReadAhead
+
+    asked, events = [], []
+    inner = RandomBatchSampler(100, 8, True, False, seed=1)
+    sampler = ReadAhead(inner, lambda batch: (asked.append(batch), events.append(("ask", len(asked) - 1))))
+    sampler.set_epoch(3)
+    got = []
+    for batch in sampler:
+        got.append(batch)
+        events.append(("read", len(got) - 1))
+    inner.set_epoch(3)
+    want = list(inner)
+    assert len(got) == len(want) == len(sampler) and all((g == w).all() for g, w in zip(got, want))
+    assert all((a == w).all() for a, w in zip(asked, want))  # every batch asked for, in order
+    for k in range(len(want)):  # batch k was asked for AHEAD batches before it was read
+        assert events.index(("ask", min(k + ReadAhead.AHEAD, len(want) - 1))) < events.index(("read", k))
+    asked.clear()
+    mine = list(sampler.for_rank(1, 3))
+    assert len(asked) == len(mine) == len(sampler.for_rank(1, 3))  # a rank asks only for its own batches
+    assert all((a == m).all() for a, m in zip(asked, mine))

@@ -188,7 +188,7 @@ def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
 def local_len(loader) -> int:
     """Samples this rank's loader yields per epoch (before drop_last)."""
     batches = getattr(loader, "batch_sampler", None)
-    if isinstance(batches, RankBatches) or getattr(batches, "world", 1) > 1:  # dealt out (shards: for_rank)
+    if getattr(batches, "num_samples", None) is not None:  # RankBatches, a format's own (for_rank)
         return batches.num_samples
     sampler = getattr(loader, "sampler", None)
     return len(sampler) if isinstance(sampler, DistributedSampler) else len(loader.dataset)
