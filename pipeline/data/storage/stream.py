@@ -44,6 +44,7 @@ epoch and a warm pass costs what the plain memory map did.
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import os
 import queue
@@ -72,22 +73,33 @@ RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14, Python >= 3.7
 
 
 def npy_layout(path: Path, count: int | None = None) -> tuple[int, tuple, np.dtype]:
-    """(data offset, shape, dtype) of a C-order ``.npy`` file, read from its header with numpy's public
-    format functions; raises IntegrityError naming the file when the header is bad or the file is shorter or
-    longer than the header says (a truncated or corrupted file), or it does not hold ``count`` rows."""
+    """(data offset, shape, dtype) of a C-order ``.npy`` file, from its header and numpy's public format
+    functions (the header alone, read with readahead off: opening a cold export reads none of its data).
+    Raises IntegrityError naming the file when the header is bad, the file is shorter or longer than the
+    header says (truncated or corrupted), or it does not hold ``count`` rows."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy version {version}")
-            shape, fortran, dtype = read_header(fh)
-            offset = fh.tell()
-            size = os.fstat(fh.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 12, 0)  # magic (6), version (2), header length (2 or 4)
+            if len(head) < 10 or head[:6] != b"\x93NUMPY":
+                raise ValueError("not a .npy file (no magic string)")
+            width = 2 if head[6] == 1 else 4
+            header_len = int.from_bytes(head[8 : 8 + width], "little")
+            offset = 8 + width + header_len
+            fh = io.BytesIO(os.pread(fd, offset, 0))
+        finally:
+            os.close(fd)
+        version = np.lib.format.read_magic(fh)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(fh)
     except (OSError, ValueError, SyntaxError) as err:
         raise IntegrityError(
             f"{path} is not a readable .npy file ({err}); delete the export to re-export"
