@@ -8,6 +8,11 @@ One format = one module here with a ``Writer`` and a ``Dataset``, plus one YAML 
                                         item i is (tensor of spec.shape, int label of ids[i])
     check_fits(spec, num_samples)      optional: raise before loading when a format that holds its
                                         data in memory would not fit (pipeline/job.py calls it)
+    READ_OPTIONS, LAYOUT               optional: config keys the files do not depend on (left out of the
+                                        export's fingerprint); the format's own layout version (in it)
+    Writer.after_sync()                optional: called by the export once every file is on disk
+
+How memmap and shards read (cold and warm): pipeline/data/storage/stream.py, docs/storage-formats.md.
 
 Labels (``labels.npy``) and the manifest are written by the export stage for every format.
 """

@@ -22,6 +22,9 @@ rows (sorted, adjacent ones in one read) in two steps:
 2. the misses get ``POSIX_FADV_WILLNEED`` (starts their reads on any kernel), then plain ``pread`` from
    ``threads`` threads, so a batch's misses wait on the disk side by side, not one after the other.
 
+``advise(rows)`` issues that ``WILLNEED`` earlier, for a batch still to come (memmap's batch sampler asks two
+batches ahead), unless ``ADVISE_PROBES`` of its rows are all cached already.
+
 Warm, step 1 costs a system call per row, about twice a fancy index on a memory map. So after
 ``MAPPED_AFTER`` consecutive batches served wholly from the cache the reader reads through its own map,
 one fancy index per batch (the speed of the plain memory map); every ``PROBE_EVERY``-th batch first reads
@@ -31,8 +34,9 @@ its first row with ``RWF_NOWAIT``, and a miss (the cache lost the file) goes bac
 variable-size records). A request -- the records of a few shards that a shuffle will mix -- is held one of
 two ways. ``memory``: read by a background thread with large ``pread`` calls into anonymous memory
 (counted as the job's memory) while the consumer works on the buffer before, at most ``depth`` (2) held,
-every range dropped from the page cache (``POSIX_FADV_DONTNEED``) as soon as it is copied, so a job
-streaming more data than memory does not evict everything else on the machine. A file's wanted records
+every range dropped from the page cache (``POSIX_FADV_DONTNEED``, whole folios: reads end on ``PIECE``
+boundaries, range edges rounded out to ``FOLIO``) as soon as it is copied, so a job streaming more data
+than memory does not evict everything else on the machine. A file's wanted records
 are read as one range when they are at least half of their span (the kernel's sequential readahead keeps
 the disk busy), else as their own ranges (coalesced across gaps under ``SPARSE_GAP``) with readahead off
 and ``WILLNEED`` a window ahead, so a sparse read (a validation split) neither reads its gaps nor waits on
