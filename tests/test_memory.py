@@ -52,8 +52,10 @@ def test_sampler_series_peaks_and_epoch_marks():
         mem.mark_epoch(1)
         second = mem.take_epoch()
         rows = mem.drain()
-    assert first["used_mb"] > second["used_mb"] + 80  # per-epoch windows
-    assert mem.peak["used_mb"] >= first["used_mb"]
+    # per-epoch windows; the main process's own figure: DataLoader workers left by earlier tests in this
+    # process may exit meanwhile and move the total
+    assert first["used_main_mb"] > second["used_main_mb"] + 80
+    assert mem.peak["used_main_mb"] >= first["used_main_mb"]
     assert [i for i, _ in rows] == list(range(len(rows))) and len(rows) >= 3
     assert len(mem.drain()) == len(mem.samples) - len(rows)  # only what came after
     assert [e for e, _ in mem.epoch_marks] == [0, 1]

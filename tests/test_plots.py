@@ -52,6 +52,17 @@ def test_sample_grid_reads_the_export_back(tmp_path, overrides):
     _not_blank(_png(path))
 
 
+def test_top_confusion_is_the_dense_matrix_of_the_most_frequent_classes():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 50, 2000), rng.integers(0, 50, 2000)
+    keep, m = plots.top_confusion(y_true, y_pred, 50, 30)
+    dense = plots.confusion_counts(y_true, y_pred, 50)
+    expected = np.sort(np.argsort(-dense.sum(1), kind="stable")[:30])
+    assert keep.tolist() == expected.tolist() and (m == dense[np.ix_(keep, keep)]).all()
+    keep, m = plots.top_confusion(y_true, y_pred, 50, 60)  # all of them
+    assert len(keep) == 50 and (m == dense).all()
+
+
 def test_curves_and_confusion(tmp_path):
     series = {"train/loss": [(1, 1.0), (0, 2.0), (2, 0.5)], "val/loss": [(0, 2.1), (1, 1.2), (2, 0.9)]}
     _not_blank(_png(plots.curves(series, "loss", tmp_path / "loss.png")))
