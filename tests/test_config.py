@@ -38,7 +38,7 @@ def test_every_option_composes_and_validates(tmp_path, group, option):
 
 def test_default_config_values(tmp_path):
     cfg = compose_cfg(tmp_path)
-    assert cfg.source.name == "digits" and cfg.storage.name == "pt"
+    assert cfg.source.name == "digits" and cfg.storage.name == "shards"
     assert cfg.split.ratio == 0.8 and cfg.loader.batch_size == 64 and cfg.loader.shuffle
     assert cfg.paths.data_dir == f"{tmp_path}/outputs/data"
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/outputs/mlflow.db"

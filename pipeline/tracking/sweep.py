@@ -111,6 +111,11 @@ class SweepCallback(Callback):
         self.sweep_dir: Path | None = None
         self.heartbeat = None
 
+    def __getstate__(self) -> dict:
+        """Launchers that run jobs in other processes (joblib, submitit) pickle the callbacks with the
+        task: the heartbeat (a thread) stays with the launcher, the jobs do not need it."""
+        return {**self.__dict__, "heartbeat": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
