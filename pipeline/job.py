@@ -102,7 +102,7 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
             optimizer=optimizer,
             start_epoch=start,
             samples_seen=resume.samples_seen if resume else 0,
-            sample_bytes=exp.spec.sample_bytes,
+            sample_bytes=exp.stored_sample_bytes,
         )
     rec.finished(model, val_loader, device, exp.spec)
     return final

@@ -71,6 +71,17 @@ class ShardBuffers(Choice):
     mapped = "mapped"  # read through memory maps, read ahead by the kernel; pages stay cached
 
 
+class CodecName(Choice):
+    png = "png"  # lossless
+    webp = "webp"  # lossless without a quality, lossy with one
+    jpeg = "jpeg"  # lossy: needs a quality
+
+
+class CodecDecoder(Choice):
+    imagecodecs = "imagecodecs"  # 1.4-3x Pillow on photo crops (docs/compact-samples.md)
+    pillow = "pillow"  # the reference
+
+
 class Optimizer(Choice):
     adam = "adam"
     adamw = "adamw"
@@ -161,6 +172,17 @@ class ShardsStorageConfig(StorageConfig):
     shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
     placement_seed: int = 0  # seeds the permutation placing samples in shards (mixes class-sorted sources)
     buffers: ShardBuffers = ShardBuffers.auto  # read-time: how a buffer of shards is held (see ShardBuffers)
+
+
+@dataclass
+class EncodedStorageConfig(ShardsStorageConfig):
+    """Shards of encoded images (docs/compact-samples.md); shard_size_mb counts encoded bytes."""
+
+    name: str = "encoded"
+    dtype: StoredDtype = StoredDtype.uint8  # always: a codec takes the source's 8-bit codes
+    codec: CodecName = CodecName.png  # lossless by default
+    quality: Optional[int] = None  # 1..100 for lossy webp or jpeg; null: lossless (jpeg needs one)
+    decoder: CodecDecoder = CodecDecoder.imagecodecs  # part of the export: lossy pixels depend on it
 
 
 @dataclass
@@ -329,6 +351,7 @@ def register_configs() -> None:
         ("storage", "base_npy", NpyStorageConfig),
         ("storage", "base_memmap", MemmapStorageConfig),
         ("storage", "base_shards", ShardsStorageConfig),
+        ("storage", "base_encoded", EncodedStorageConfig),
         ("storage", "base_ram", RamStorageConfig),
         ("model", "base_mlp", MLPConfig),
         ("model", "base_cnn", CNNConfig),

@@ -80,7 +80,9 @@ def validate(cfg: DictConfig) -> None:
         _check(src.download_timeout_s > 0, "source.download_timeout_s", src.download_timeout_s, "> 0")
         _positive_int(cfg, "source.download_retries", 0)
 
-    if OmegaConf.select(sto, "dtype", default="source") == "uint8":
+    if sto.name == "encoded":
+        _check_encoded(cfg)
+    elif OmegaConf.select(sto, "dtype", default="source") == "uint8":
         from pipeline.data.quantize import NotEightBit, divisor_for
 
         try:
@@ -93,7 +95,7 @@ def validate(cfg: DictConfig) -> None:
                 "image_folder, digits, or synthetic with source.dtype=uint8; or keep storage.dtype=source",
             ) from None
 
-    if sto.name == "shards":
+    if sto.name in ("shards", "encoded"):
         _check(
             sto.shard_size_mb > 0,
             "storage.shard_size_mb",
@@ -222,6 +224,45 @@ def check_sizes(cfg: DictConfig, n: int | None = None) -> None:
         f"with loader.drop_last=true it must be <= the {n_train} train samples "
         f"(split.ratio={ratio} of {n}), or no batch would ever be trained",
     )
+
+
+EIGHT_BIT_IMAGES = (
+    "source=image_folder, lfw with source.color=true, digits, or synthetic with source.dtype=uint8 and "
+    "source.shape [H, W] or [H, W, 3]"
+)
+
+
+def _check_encoded(cfg: DictConfig) -> None:
+    """storage=encoded: a valid codec setting, and a source of 8-bit images (the codec takes uint8 codes)."""
+    from pipeline.data.codec import problem
+    from pipeline.data.quantize import NotEightBit, divisor_for
+
+    sto, src = cfg.storage, cfg.source
+    why = problem(str(sto.codec), sto.quality)
+    _check(why is None, "storage.quality", sto.quality, f"{why} (storage.codec={sto.codec})")
+    _check(
+        str(sto.dtype) == "uint8",
+        "storage.dtype",
+        str(sto.dtype),
+        "storage=encoded stores the source's 8-bit codes: leave storage.dtype=uint8 (its default)",
+    )
+    try:
+        divisor_for(src)
+    except NotEightBit as err:
+        raise ConfigError(
+            "storage",
+            "encoded",
+            f"{err}. storage=encoded encodes 8-bit images: {EIGHT_BIT_IMAGES}; or use storage=shards",
+        ) from None
+    if src.name == "synthetic":
+        shape = list(src.shape)
+        _check(
+            len(shape) == 2 or (len(shape) == 3 and shape[2] == 3),
+            "storage",
+            "encoded",
+            f"source=synthetic with source.shape={shape}: a codec takes images of [H, W] (grey) or [H, W, 3] "
+            f"(RGB). storage=encoded encodes 8-bit images: {EIGHT_BIT_IMAGES}; or use storage=shards",
+        )
 
 
 def _check_transform(cfg: DictConfig) -> None:

@@ -66,6 +66,12 @@ class Export:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @property
+    def stored_sample_bytes(self) -> float:
+        """Bytes a sample takes as stored: ``spec.sample_bytes``, or the mean record of a format that
+        compresses (encoded). What a read's amplification is measured against."""
+        return float(self.manifest.get("stored_sample_bytes", self.spec.sample_bytes))
+
     def dataset(self, ids: np.ndarray, storage_cfg=None):
         """A map-style Dataset over the sample ids ``ids`` of this export."""
         fmt = get_format(self.manifest["storage"]["name"])
@@ -84,7 +90,15 @@ def write_options(storage_cfg) -> dict:
     return {k: v for k, v in plain.items() if k not in skip}
 
 
-def fingerprint(source_cfg, storage_cfg) -> str:
+def format_identity(storage_cfg) -> dict | None:
+    """What a format's files depend on beyond its config (its module's optional ``identity``: encoded
+    records its decoder's version); None for most formats."""
+    hook = getattr(get_format(_plain(storage_cfg)["name"]), "identity", None)
+    return hook(_plain(storage_cfg)) if hook is not None else None
+
+
+def fingerprint(source_cfg, storage_cfg, identity: dict | None = None) -> str:
+    """The export's hash; ``identity``: the format identity a manifest recorded (default: this machine's)."""
     storage = write_options(storage_cfg)
     if storage.get("dtype", "source") == "source":  # the stored dtype; the default keeps older names
         storage.pop("dtype", None)
@@ -93,9 +107,13 @@ def fingerprint(source_cfg, storage_cfg) -> str:
         "source": _plain(source_cfg),
         "storage": storage,
     }
-    layout = getattr(get_format(_plain(storage_cfg)["name"]), "LAYOUT", None)
+    fmt = get_format(_plain(storage_cfg)["name"])
+    layout = getattr(fmt, "LAYOUT", None)
     if layout is not None:  # a format's own layout version (shards 2: samples placed in a seeded permutation)
         payload["format_layout"] = layout
+    identity = identity if identity is not None else format_identity(storage_cfg)
+    if identity is not None:  # e.g. encoded's codec and decoder version
+        payload["format_identity"] = identity
     identity = source_identity(source_cfg)  # e.g. an image folder's file listing
     if identity is not None:
         payload["source_identity"] = identity
@@ -135,7 +153,7 @@ def open_export(root: Path, verify: bool = False) -> Export:
         raise IntegrityError(f"{manifest_path} lacks {missing}; delete {root} to re-export")
     want = manifest["fingerprint"]
     if _config_only(manifest["source"]):  # sources with an identity (a folder listing) are not re-scanned
-        want = fingerprint(manifest["source"], manifest["storage"])
+        want = fingerprint(manifest["source"], manifest["storage"], manifest.get("format_identity"))
     if manifest["fingerprint"] != want or manifest["name"] != root.name or not root.name.endswith(want):
         raise IntegrityError(
             f"{manifest_path} disagrees with its folder: its source/storage configs hash to {want}, "
@@ -275,6 +293,14 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
     if hasattr(writer, "after_sync"):  # a format's step once its files are on disk (shards: uncache them)
         writer.after_sync()
     files = write_file_list(tmp, getattr(writer, "digests", None))  # size, mtime, sha256 per file
+    extra = {}
+    if divisor is not None:  # uint8 codes: the values they stand for
+        extra["values"] = quantize.mapping(divisor)
+    identity = format_identity(storage_cfg)
+    if identity is not None:  # encoded: codec and decoder version (in the fingerprint too)
+        extra["format_identity"] = identity
+    if getattr(writer, "stored_bytes", None):  # a format that compresses: mean bytes per stored sample
+        extra["stored_sample_bytes"] = writer.stored_bytes / max(done, 1)
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "fingerprint": name.rsplit("-", 1)[-1],
@@ -286,7 +312,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         "dtype": spec.dtype,
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
-        **({"values": quantize.mapping(divisor)} if divisor is not None else {}),
+        **extra,
         "content_sha256": digest.hexdigest(),
         "files": files,
         "export_seconds": round(time.perf_counter() - t0, 3),

@@ -4,7 +4,7 @@
     final = fit(model, train_loader, val_loader, cfg.trainer, device=device,
                 memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
     fit(..., optimizer=optimizer, start_epoch=2, samples_seen=n)   # resume: epochs 2.. on top of n
-    fit(..., sample_bytes=exp.spec.sample_bytes)                   # adds io/read_amplification
+    fit(..., sample_bytes=exp.stored_sample_bytes)                 # adds io/read_amplification
 
 Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
 ``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
@@ -108,7 +108,7 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     start_epoch: int = 0,
     samples_seen: int = 0,
-    sample_bytes: int | None = None,
+    sample_bytes: float | None = None,
 ) -> dict:
     model.to(device)
     net = distributed.wrap(model, device)  # DDP under torchrun, else model

@@ -11,8 +11,12 @@ One format = one module here with a ``Writer`` and a ``Dataset``, plus one YAML 
     READ_OPTIONS, LAYOUT               optional: config keys the files do not depend on (left out of the
                                         export's fingerprint); the format's own layout version (in it)
     Writer.after_sync()                optional: called by the export once every file is on disk
+    Writer.stored_bytes                optional: the samples' bytes as stored, when not spec.sample_bytes
+                                        each (encoded); the manifest records them per sample
+    identity(storage_cfg)              optional: what the files depend on beyond the config (encoded: the
+                                        decoder's version); in the fingerprint and the manifest
 
-How memmap and shards read (cold and warm): pipeline/data/storage/stream.py, docs/storage-formats.md.
+How memmap, shards and encoded read (cold and warm): pipeline/data/storage/stream.py, docs/storage-formats.md.
 
 Labels (``labels.npy``) and the manifest are written by the export stage for every format.
 """
@@ -27,6 +31,7 @@ FORMATS = {
     "npy": "pipeline.data.storage.npy",
     "memmap": "pipeline.data.storage.memmap",
     "shards": "pipeline.data.storage.shards",
+    "encoded": "pipeline.data.storage.encoded",
     "ram": "pipeline.data.storage.ram",
 }
 

@@ -85,10 +85,79 @@ def placement(num_samples: int, seed: int) -> np.ndarray:
     return rng.permutation(int(num_samples)).astype(np.int64)
 
 
-class Writer:
-    """Creates every shard file at its full size, then writes each sample to its record with ``pwrite``."""
+def inverse(order: np.ndarray) -> np.ndarray:
+    """The record (slot) of each sample id, given the sample id of each record."""
+    slot_of = np.empty(len(order), dtype=np.int64)
+    slot_of[order] = np.arange(len(order), dtype=np.int64)
+    return slot_of
+
+
+class OpenFiles:
+    """Write descriptors for many files, at most ``MAX_OPEN`` open at once (for a writer's ``pwrite``s)."""
 
     MAX_OPEN = 256
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.fds = list(paths), {}
+
+    def fd(self, i: int) -> int:
+        fd = self.fds.get(i)
+        if fd is None:
+            if len(self.fds) >= self.MAX_OPEN:
+                self.close()
+            fd = self.fds[i] = os.open(self.paths[i], os.O_WRONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def uncache(paths) -> None:
+    """Drop written (and synced) files from the page cache. Written in random order, their cached pages are
+    small (4 KiB folios), and batches gathered through a memory map from those ran ~30% slower than from the
+    large folios the kernel's readahead makes when the files are read back; so the first read does that."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_index(path: Path, layout: int, what: str) -> dict:
+    """``index.json`` of a sharded export, checked to be of ``layout``; IntegrityError names the file."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export to re-export") from err
+    if not isinstance(index, dict) or index.get("layout") != layout:
+        found = index.get("layout", 1) if isinstance(index, dict) else None
+        raise IntegrityError(
+            f"{path} describes {what} of layout {found}; this version reads layout {layout}. "
+            "Delete the export to re-export"
+        )
+    return index
+
+
+def load_placement(path: Path, num_samples: int) -> np.ndarray:
+    """The sample id of each record, checked to be a permutation of the ``num_samples`` ids."""
+    try:
+        order = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export") from err
+    if (
+        order.shape != (num_samples,)
+        or order.dtype.kind not in "iu"
+        or (num_samples and not (np.bincount(order, minlength=num_samples) == 1).all())
+    ):
+        raise IntegrityError(f"{path} is not a permutation of the {num_samples} sample ids")
+    return order.astype(np.int64)
+
+
+class Writer:
+    """Creates every shard file at its full size, then writes each sample to its record with ``pwrite``."""
 
     def __init__(self, root: Path, spec, cfg) -> None:
         self.folder = Path(root) / FOLDER
@@ -115,36 +184,15 @@ class Writer:
                     os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
                 except OSError:
                     pass
-        self.fds: dict[int, int] = {}
+        self.files = OpenFiles([self.folder / shard_name(s) for s in range(self.num_shards)])
         self.next_id = 0
 
     def count(self, s: int) -> int:
         return min(self.per_shard, self.spec.num_samples - s * self.per_shard)
 
     def after_sync(self) -> None:
-        """Called by the export once every file is on disk: drop the shards from the page cache. Written in
-        random order, their cached pages are small (4 KiB folios), and batches gathered through a memory map
-        from those ran ~30% slower than from the large folios the kernel's readahead makes when the files
-        are read back; so the first read does that."""
-        for s in range(self.num_shards):
-            fd = os.open(self.folder / shard_name(s), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-    def _fd(self, s: int) -> int:
-        fd = self.fds.get(s)
-        if fd is None:
-            if len(self.fds) >= self.MAX_OPEN:
-                self._close_files()
-            fd = self.fds[s] = os.open(self.folder / shard_name(s), os.O_WRONLY)
-        return fd
-
-    def _close_files(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
+        """Called by the export once every file is on disk: the shards leave the page cache (``uncache``)."""
+        uncache(self.files.paths)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
         x = np.ascontiguousarray(x)
@@ -152,11 +200,11 @@ class Writer:
         rows = x.reshape(len(x), -1).view(np.uint8)
         for j in np.argsort(slots, kind="stable").tolist():  # file order within the chunk
             s, local = divmod(int(slots[j]), self.per_shard)
-            os.pwrite(self._fd(s), rows[j], self.offsets[s] + local * self.row_bytes)
+            os.pwrite(self.files.fd(s), rows[j], self.offsets[s] + local * self.row_bytes)
         self.next_id += len(x)
 
     def close(self) -> None:
-        self._close_files()
+        self.files.close()
         np.save(self.folder / PLACEMENT, self.order, allow_pickle=False)
         shards = [{"file": shard_name(s), "count": self.count(s)} for s in range(self.num_shards)]
         index = {
@@ -172,15 +220,7 @@ class Writer:
 def read_index(folder: Path, spec) -> tuple[dict, np.ndarray]:
     """The index and the placement (sample id of each record), checked against the manifest's spec."""
     path = folder / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise IntegrityError(f"{path} cannot be read: {err}; delete the export to re-export") from err
-    if index.get("layout") != LAYOUT:
-        raise IntegrityError(
-            f"{path} describes shards of layout {index.get('layout', 1)}; this version reads layout {LAYOUT} "
-            "(samples placed in a seeded random permutation). Delete the export to re-export"
-        )
+    index = load_index(path, LAYOUT, "shards")
     files = [s["file"] for s in index["shards"]]
     counts = [int(s["count"]) for s in index["shards"]]
     per = int(index["samples_per_shard"])
@@ -191,22 +231,7 @@ def read_index(folder: Path, spec) -> tuple[dict, np.ndarray]:
         or any(Path(f).name != f or not f.endswith(".npy") for f in files)
     ):
         raise IntegrityError(f"{path} does not match the manifest or names a bad file; delete the export")
-    try:
-        order = np.load(folder / PLACEMENT, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise IntegrityError(f"{folder / PLACEMENT} cannot be read: {err}; delete the export") from err
-    if (
-        order.shape != (spec.num_samples,)
-        or order.dtype.kind not in "iu"
-        or (
-            spec.num_samples
-            and not np.array_equal(np.bincount(order, minlength=spec.num_samples), np.ones(spec.num_samples))
-        )
-    ):
-        raise IntegrityError(
-            f"{folder / PLACEMENT} is not a permutation of the {spec.num_samples} sample ids"
-        )
-    return index, order.astype(np.int64)
+    return index, load_placement(folder / PLACEMENT, spec.num_samples)
 
 
 def memory_room_bytes() -> int:
@@ -229,15 +254,91 @@ def buffer_mode(setting, data_bytes: int) -> str:
     return setting
 
 
-class Dataset(torch.utils.data.Dataset):
-    collate_fn = staticmethod(passthrough_collate)
+class Placed(torch.utils.data.Dataset):
+    """What ``shards`` and ``encoded`` share: the records of samples placed in shard files in a seeded
+    permutation, read in buffers by ``ShardBatches`` (or directly, ``read``) and turned into a batch of
+    tensors by the format's ``tensors(RecordBatch)`` -- in the DataLoader workers when there are workers.
 
+    A format's ``__init__`` checks its files, then calls ``place``; it defines ``tensors`` and
+    ``read_sorted(positions)`` (the records of positions in file order, as a ``RecordBatch``)."""
+
+    collate_fn = staticmethod(passthrough_collate)
+    NAME = "shards"  # for messages
+
+    def place(self, files: list[RecordFile], order: np.ndarray, labels, ids, cfg) -> None:
+        """Positions over the sample ids ``ids``, in ``files`` that hold the records of the sample ids
+        ``order``, shard after shard; ``cfg``: read-time options (``shuffle_buffer_shards``, ``buffers``)."""
+        self.files = files
+        counts = np.array([f.count for f in files], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)  # first slot of each shard
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
+        slots = inverse(order)[self.ids]
+        self.shard_of = np.searchsorted(starts, slots, side="right") - 1  # shard of each position
+        self.local = slots - starts[self.shard_of]  # its record in that shard
+        self.slot = slots  # its record among all, shard after shard (file order)
+        cfg = cfg if cfg is not None else {}
+        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
+        spans = [int(f.spans(np.array([f.count - 1]))[1][0]) - f.offset if f.count else 0 for f in files]
+        self.buffers = buffer_mode(cfg.get("buffers", "auto"), sum(spans))
+        held = 2 * self.buffer_shards * max(spans, default=0)
+        if self.buffers == "memory" and held > memory_room_bytes() // 2:
+            log.warning(
+                "%s: two buffers of %d shards hold %.0f MB, over half the %.0f MB this job may use; "
+                "lower storage.shuffle_buffer_shards or export smaller shards (storage.shard_size_mb)",
+                self.NAME,
+                self.buffer_shards,
+                held / 1e6,
+                memory_room_bytes() / 1e6,
+            )
+        self.stream = BufferStream(files, mode=self.buffers)
+
+    @property
+    def opened_pid(self) -> int | None:
+        """Which process opened the files for direct reads (each DataLoader worker opens its own)."""
+        return self.stream.opened_pid
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, positions: np.ndarray) -> RecordBatch:
+        """The records of ``positions`` read directly from their shards, in the order asked."""
+        slots = self.slot[positions]
+        if bool((slots[1:] >= slots[:-1]).all()):
+            return self.read_sorted(positions)
+        order = np.argsort(slots, kind="stable")
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return self.read_sorted(positions[order]).take(back)
+
+    def __getitem__(self, i: int):
+        x, y = self.tensors(self.read(np.asarray([int(i)], dtype=np.int64)))
+        return x[0], int(y[0])
+
+    def __getitems__(self, batch):
+        if isinstance(batch, RecordBatch):  # from ShardBatches: the records were read by the sampler
+            return self.tensors(batch)
+        return self.tensors(self.read(np.asarray(batch, dtype=np.int64)))
+
+    def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
+        return ShardBatches(
+            self.shard_of,
+            self.buffer_shards,
+            batch_size,
+            shuffle,
+            drop_last,
+            seed,
+            local=self.local,
+            stream=self.stream,
+        )
+
+
+class Dataset(Placed):
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
         self.folder, self.spec = Path(root) / FOLDER, spec
         index, order = read_index(self.folder, spec)
-        self.per_shard = int(index["samples_per_shard"])
         self.dtype, self.row_bytes = np.dtype(spec.dtype), spec.sample_bytes
-        self.files = []
+        files = []
         for s in index["shards"]:
             path = self.folder / s["file"]
             offset, shape, dtype = npy_layout(path, int(s["count"]))
@@ -245,28 +346,8 @@ class Dataset(torch.utils.data.Dataset):
                 raise IntegrityError(
                     f"{path} holds {shape} {dtype}; the manifest says {spec.shape} {spec.dtype}"
                 )
-            self.files.append(RecordFile(path, offset, int(s["count"]), record_bytes=self.row_bytes))
-        slot_of = np.empty(spec.num_samples, dtype=np.int64)
-        slot_of[order] = np.arange(spec.num_samples, dtype=np.int64)
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
-        slots = slot_of[self.ids]
-        self.shard_of = slots // self.per_shard  # shard of each position
-        self.local = slots - self.shard_of * self.per_shard  # its record in that shard
-        self.slot = slots  # its record among all, shard after shard (file order)
-        cfg = cfg if cfg is not None else {}
-        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
-        self.buffers = buffer_mode(cfg.get("buffers", "auto"), spec.num_samples * self.row_bytes)
-        held = 2 * self.buffer_shards * self.per_shard * self.row_bytes
-        if self.buffers == "memory" and held > memory_room_bytes() // 2:
-            log.warning(
-                "shards: two buffers of %d shards hold %.0f MB, over half the %.0f MB this job may use; "
-                "lower storage.shuffle_buffer_shards or export smaller shards (storage.shard_size_mb)",
-                self.buffer_shards,
-                held / 1e6,
-                memory_room_bytes() / 1e6,
-            )
-        self.stream = BufferStream(self.files, mode=self.buffers)
+            files.append(RecordFile(path, offset, int(s["count"]), record_bytes=self.row_bytes))
+        self.place(files, order, labels, ids, cfg)
         self._readers: dict[int, RowReader] = {}
         self._readers_pid: int | None = None
 
@@ -280,12 +361,9 @@ class Dataset(torch.utils.data.Dataset):
         """Which process opened the files for direct reads (each DataLoader worker opens its own)."""
         return self.stream.opened_pid if self.buffers == "mapped" else self._readers_pid
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def tensors(self, records: np.ndarray, positions: np.ndarray):
-        x = torch.from_numpy(records.view(self.dtype).reshape(len(positions), *self.spec.shape))
-        return x, torch.from_numpy(self.labels[positions])
+    def tensors(self, batch: RecordBatch):
+        x = torch.from_numpy(batch.records.view(self.dtype).reshape(len(batch), *self.spec.shape))
+        return x, torch.from_numpy(self.labels[batch.positions])
 
     def _reader(self, s: int) -> RowReader:
         if self._readers_pid != os.getpid():  # a forked worker opens its own files
@@ -296,48 +374,17 @@ class Dataset(torch.utils.data.Dataset):
             reader = self._readers[s] = RowReader(f.path, f.offset, self.row_bytes, f.count, threads=8)
         return reader
 
-    def read(self, positions: np.ndarray) -> np.ndarray:
-        """Records of ``positions`` read directly from their shards, in the order asked: through the
-        stream's memory maps with ``buffers=mapped`` (where ``ShardBatches`` leaves the reads to
-        ``__getitems__``), else with ``RowReader``s (no readahead)."""
-        slots = self.slot[positions]
-        order = None if bool((slots[1:] >= slots[:-1]).all()) else np.argsort(slots, kind="stable")
-        pos = positions if order is None else positions[order]
-        shard, local = self.shard_of[pos], self.local[pos]
+    def read_sorted(self, positions: np.ndarray) -> RecordBatch:
+        """Records of ``positions`` (in file order): through the stream's memory maps with ``buffers=mapped``
+        (where ``ShardBatches`` leaves the reads to ``__getitems__``), else with ``RowReader``s (no
+        readahead)."""
+        shard, local = self.shard_of[positions], self.local[positions]
         if self.buffers == "mapped":
-            rows = self.stream.gather(shard, local)
-        else:
-            rows = np.empty((len(pos), self.row_bytes), dtype=np.uint8)
-            for s, a, b in runs_of(shard):
-                self._reader(s).read(local[a:b], out=rows[a:b])
-        if order is None:
-            return rows
-        out = np.empty_like(rows)
-        out[order] = rows
-        return out
-
-    def __getitem__(self, i: int):
-        pos = np.asarray([int(i)], dtype=np.int64)
-        x, y = self.tensors(self.read(pos), pos)
-        return x[0], int(y[0])
-
-    def __getitems__(self, batch):
-        if isinstance(batch, RecordBatch):  # from ShardBatches: the records were read by the sampler
-            return self.tensors(batch.records, batch.positions)
-        pos = np.asarray(batch, dtype=np.int64)
-        return self.tensors(self.read(pos), pos)
-
-    def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
-        return ShardBatches(
-            self.shard_of,
-            self.buffer_shards,
-            batch_size,
-            shuffle,
-            drop_last,
-            seed,
-            local=self.local,
-            stream=self.stream,
-        )
+            return RecordBatch(positions, self.stream.gather(shard, local))
+        rows = np.empty((len(positions), self.row_bytes), dtype=np.uint8)
+        for s, a, b in runs_of(shard):
+            self._reader(s).read(local[a:b], out=rows[a:b])
+        return RecordBatch(positions, rows)
 
 
 class BlockShuffleBatchSampler(EpochBatches):
@@ -475,33 +522,31 @@ class ShardBatches(BlockShuffleBatchSampler):
                 advanced += 1
             yield order[start : start + self.batch_size]
 
-    def _batch(self, positions: np.ndarray, buf, idx: np.ndarray | None, rows=None) -> RecordBatch:
-        """The batch of ``positions``: records ``idx`` of buffer ``buf``, or ``rows`` already gathered."""
-        if self.shuffle:  # in file order, as the plain sampler's batches
-            order = np.argsort(self.file_rank[positions], kind="stable")
-            positions = positions[order]
-            idx, rows = (idx[order], None) if rows is None else (None, rows[order])
-        return RecordBatch(positions, buf.rows(idx) if rows is None else rows)
+    def _batch(self, got: RecordBatch) -> RecordBatch:
+        """A batch in file order (as the plain sampler's batches) when shuffled."""
+        if self.shuffle:
+            return got.take(np.argsort(self.file_rank[got.positions], kind="stable"))
+        return got
 
     def _records(self, buffers: list, loads):
         bs = self.batch_size
-        pending = None  # (positions, rows) of a batch begun in the buffer before
+        pending = None  # a batch begun in the buffer before
         for positions, buf in zip(buffers, loads):
             i = 0
             if pending is not None:
-                i = min(bs - len(pending[0]), len(positions))
-                pending = (
-                    np.concatenate([pending[0], positions[:i]]),
-                    np.concatenate([pending[1], buf.rows(np.arange(i))]),
-                )
-                if len(pending[0]) == bs:
-                    yield self._batch(pending[0], None, None, pending[1])
+                i = min(bs - len(pending), len(positions))
+                pending = pending.join(buf.batch(positions[:i], np.arange(i)))
+                if len(pending) == bs:
+                    yield self._batch(pending)
                     pending = None
             while i + bs <= len(positions):
-                yield self._batch(positions[i : i + bs], buf, np.arange(i, i + bs))
+                idx = np.arange(i, i + bs)
+                if self.shuffle:  # in file order: fetch the records in that order
+                    idx = idx[np.argsort(self.file_rank[positions[idx]], kind="stable")]
+                yield buf.batch(positions[idx], idx)
                 i += bs
             if i < len(positions):
-                pending = (positions[i:], buf.rows(np.arange(i, len(positions))))
+                pending = buf.batch(positions[i:], np.arange(i, len(positions)))
             buf.release()
         if pending is not None and not self.drop_last:
-            yield self._batch(pending[0], None, None, pending[1])
+            yield self._batch(pending)

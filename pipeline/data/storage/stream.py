@@ -8,6 +8,7 @@
     for buf in BufferStream(files, mode="memory").load([(file_ids, records), ...]):  # one per buffer
         x = buf.rows(idx)                # fixed-size records idx of the request: (k, rb) uint8 copies
         blob, offsets = buf.blobs(idx)   # variable-size records: bytes + k + 1 offsets
+        b = buf.batch(positions, idx)    # either kind as a RecordBatch (what a batch sampler hands on)
 
 Figures and conditions: docs/storage-formats.md. Why the readers look like this:
 
@@ -341,6 +342,24 @@ class RecordBatch:
     def __iter__(self):
         return iter(self.positions.tolist())
 
+    def take(self, idx) -> RecordBatch:
+        """Items ``idx`` of this batch (a subset or a new order), records and all."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.offsets is None:
+            return RecordBatch(self.positions[idx], self.records[idx])
+        o = self.offsets
+        records, offsets = _concat([(self.records, o[i], o[i + 1] - o[i]) for i in idx.tolist()])
+        return RecordBatch(self.positions[idx], records, offsets)
+
+    def join(self, other: RecordBatch) -> RecordBatch:
+        """This batch followed by ``other`` (a batch that straddles two buffers)."""
+        positions = np.concatenate([self.positions, other.positions])
+        records = np.concatenate([self.records, other.records])
+        if self.offsets is None:
+            return RecordBatch(positions, records)
+        offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
+        return RecordBatch(positions, records, offsets)
+
 
 class Buffer:
     """The records of one request, copied into memory. ``rows``/``blobs`` take copies; ``release`` hands the
@@ -365,6 +384,12 @@ class Buffer:
         """Records ``idx`` concatenated (uint8) and their ``k + 1`` offsets into it."""
         idx = np.asarray(idx, dtype=np.int64)
         return _concat([(self.data, a, n) for a, n in zip(self.loc[idx].tolist(), self.size[idx].tolist())])
+
+    def batch(self, positions: np.ndarray, idx) -> RecordBatch:
+        """A ``RecordBatch`` of ``positions`` carrying records ``idx`` of this buffer (rows or blobs)."""
+        if self.record_bytes:
+            return RecordBatch(positions, self.rows(idx))
+        return RecordBatch(positions, *self.blobs(idx))
 
     def release(self) -> None:
         release, self._release = self._release, None
@@ -391,6 +416,11 @@ class MappedBuffer:
     def blobs(self, idx) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(idx, dtype=np.int64)
         return self.stream.gather_blobs(self.file_ids[idx], self.records[idx])
+
+    def batch(self, positions: np.ndarray, idx) -> RecordBatch:
+        if self.record_bytes:
+            return RecordBatch(positions, self.rows(idx))
+        return RecordBatch(positions, *self.blobs(idx))
 
     def release(self) -> None:
         release, self._release = self._release, None

@@ -1,0 +1,279 @@
+"""``encoded``: each sample an encoded image (PNG, WebP or JPEG) in shard files, read like ``shards``,
+decoded in ``__getitems__`` -- so in the DataLoader workers when there are workers.
+
+    storage=encoded                                       # lossless PNG (the default)
+    storage=encoded storage.codec=webp                    # lossless WebP: smaller, slower to encode
+    storage=encoded storage.codec=jpeg storage.quality=90 # lossy (webp takes a quality too)
+
+Only 8-bit images are encoded: the export stores the source's uint8 codes (pipeline/data/quantize.py, as
+``storage.dtype=uint8`` does) and the manifest's value mapping gives the model the values float storage
+would have; a source that is not 8-bit, or samples that are not ``[H, W]`` / ``[H, W, 3]``, are refused by
+the config check. Codec, quality and decoder are part of the export: the manifest records them
+(``format_identity``, with the decoder's version: lossy pixels depend on it), the fingerprint includes them.
+
+Layout (``LAYOUT`` 1), in ``encoded/``: ``shard-00000.bin`` ... the records (one encoded image each) back to
+back; ``offsets.npy`` the end byte of each record in its shard and ``crc32.npy`` each record's CRC-32, both
+record after record, shard after shard; ``placement.npy`` the sample id of each record (a seeded
+permutation, as ``shards``: ``storage.placement_seed``); ``index.json`` the shards (file, record count,
+bytes), the codec and the layout. A shard closes once its records reach ``storage.shard_size_mb`` MiB.
+
+The writer encodes each chunk (threads: Pillow's encoders release the GIL) and appends the records to a
+spill file in id order; at ``close`` it writes each shard front to back, its records read from the spill in
+placement order, and removes the spill -- never more than a chunk of samples or one shard in memory.
+
+Reading is ``shards``' (``shards.Placed``): ``ShardBatches`` reads buffers of
+``storage.shuffle_buffer_shards`` shards with ``stream.BufferStream`` (``storage.buffers``: memory, mapped,
+auto), shuffles them in memory and hands each batch's encoded records (a ``RecordBatch``: blobs, offsets)
+to ``__getitems__``, which checks each record's CRC-32 and decodes the batch (``codec.Codec``). The epoch's
+order is a function of (seed, epoch) only, so batches are the same for 0 or 2 workers and with
+``loader.thread_prefetch``. A record whose bytes fail their CRC or do not decode raises ``SampleReadError``
+naming the shard file and the sample id; a shard file shorter (or longer) than the index says fails when the
+Dataset is built, naming the file (and, truncated later, when it is read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.codec import Codec, CodecError
+from pipeline.data.integrity import ExportError, IntegrityError, sample_error
+from pipeline.data.storage.shards import (
+    MIB,
+    PLACEMENT,
+    Placed,
+    load_index,
+    load_placement,
+    placement,
+    uncache,
+)
+from pipeline.data.storage.stream import RecordBatch, RecordFile
+
+log = logging.getLogger(__name__)
+
+FOLDER = "encoded"
+INDEX = "index.json"
+OFFSETS = "offsets.npy"
+CRC = "crc32.npy"
+SPILL = "records.spill"
+LAYOUT = 1
+READ_OPTIONS = ("shuffle_buffer_shards", "buffers")  # not part of the export's fingerprint
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}.bin"
+
+
+def codec_of(cfg) -> Codec:
+    quality = cfg.get("quality")
+    return Codec(
+        str(cfg.get("codec", "png")),
+        None if quality is None else int(quality),
+        str(cfg.get("decoder", "imagecodecs")),
+    )
+
+
+def identity(storage_cfg) -> dict:
+    """What the export's samples depend on beyond its config: the decoder's version (lossy pixels differ
+    between decoders). The export's fingerprint includes it; its manifest records it."""
+    c = codec_of(storage_cfg)
+    return {"codec": c.describe(), "decoder": c.decoder}
+
+
+def is_image(shape) -> bool:
+    shape = tuple(shape)
+    return len(shape) == 2 or (len(shape) == 3 and shape[2] == 3)
+
+
+def shard_cuts(sizes: np.ndarray, shard_bytes: float) -> np.ndarray:
+    """The shard of each record (records in file order, ``sizes`` bytes each): a shard holds the records that
+    start within its ``shard_bytes``, so each holds at least one and at most one record more than fits."""
+    starts = np.cumsum(sizes) - sizes
+    _, shard = np.unique(starts // max(int(shard_bytes), 1), return_inverse=True)
+    return shard.reshape(-1).astype(np.int64)
+
+
+class Writer:
+    """Encodes each chunk into a spill file (id order); ``close`` writes the shards in placement order."""
+
+    def __init__(self, root: Path, spec, cfg) -> None:
+        if spec.dtype != "uint8" or not is_image(spec.shape):
+            raise ExportError(
+                f"storage=encoded stores 8-bit images of [H, W] or [H, W, 3]; the samples are {spec.dtype} "
+                f"{list(spec.shape)}"
+            )
+        self.folder = Path(root) / FOLDER
+        self.folder.mkdir(parents=True)
+        self.spec, self.codec = spec, codec_of(cfg)
+        self.shard_bytes = float(cfg.shard_size_mb) * MIB
+        self.seed = int(cfg.get("placement_seed", 0))
+        self.sizes = np.zeros(spec.num_samples, dtype=np.int64)
+        self.crc = np.zeros(spec.num_samples, dtype=np.uint32)
+        self.spill = open(self.folder / SPILL, "wb")
+        self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
+        self.next_id = 0
+        self.paths: list[Path] = []
+        self.stored_bytes = 0  # encoded bytes of all records (the export records it per sample)
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        blobs = list(self.pool.map(self.codec.encode, x))
+        a = self.next_id
+        self.sizes[a : a + len(blobs)] = [len(b) for b in blobs]
+        self.crc[a : a + len(blobs)] = [zlib.crc32(b) for b in blobs]
+        self.spill.write(b"".join(blobs))
+        self.next_id += len(blobs)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.spill.close()
+        n = self.spec.num_samples
+        order = placement(n, self.seed)  # the sample id of each record
+        sizes = self.sizes[order]
+        shard = shard_cuts(sizes, self.shard_bytes)
+        num_shards = int(shard[-1]) + 1 if n else 0
+        counts = np.bincount(shard, minlength=num_shards)
+        spill_at = np.cumsum(self.sizes) - self.sizes  # each sample's record in the spill (id order)
+        ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
+        shards, first = [], 0
+        fd = os.open(self.folder / SPILL, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # record by record: no readahead
+            for s, count in enumerate(counts.tolist()):
+                ids, lens = order[first : first + count], sizes[first : first + count]
+                ends[first : first + count] = np.cumsum(lens)
+                data = bytearray(int(lens.sum()))
+                view, at = memoryview(data), 0
+                for sid, length in zip(ids.tolist(), lens.tolist()):
+                    if os.preadv(fd, [view[at : at + length]], int(spill_at[sid])) != length:
+                        raise ExportError(f"{self.folder / SPILL} ended early (sample {sid})")
+                    at += length
+                path = self.folder / shard_name(s)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                self.paths.append(path)
+                shards.append({"file": shard_name(s), "count": count, "bytes": len(data)})
+                first += count
+        finally:
+            os.close(fd)
+        os.unlink(self.folder / SPILL)
+        np.save(self.folder / PLACEMENT, order, allow_pickle=False)
+        np.save(self.folder / OFFSETS, ends, allow_pickle=False)
+        np.save(self.folder / CRC, self.crc[order], allow_pickle=False)
+        self.stored_bytes = int(self.sizes.sum())
+        index = {
+            "layout": LAYOUT,
+            "num_samples": n,
+            "shape": list(self.spec.shape),
+            "codec": {
+                "name": self.codec.name,
+                "quality": self.codec.quality,
+                "lossless": self.codec.lossless,
+                "decoder": self.codec.decoder,
+            },
+            "placement": {"kind": "seeded random permutation", "seed": self.seed, "file": PLACEMENT},
+            "offsets": OFFSETS,
+            "crc32": CRC,
+            "shards": shards,
+        }
+        (self.folder / INDEX).write_text(json.dumps(index, indent=1))
+
+    def after_sync(self) -> None:
+        """Once synced: the shards leave the page cache (``shards.uncache``): the first read is a real one."""
+        uncache(self.paths)
+
+
+def _array(path: Path, n: int, kinds: str) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export to re-export") from err
+    if arr.shape != (n,) or arr.dtype.kind not in kinds:
+        raise IntegrityError(f"{path} holds {arr.shape} {arr.dtype}, not one entry per record of the {n}")
+    return arr
+
+
+class Dataset(Placed):
+    NAME = "encoded"
+
+    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
+        self.root, self.folder, self.spec = Path(root), Path(root) / FOLDER, spec
+        path = self.folder / INDEX
+        index = load_index(path, LAYOUT, "encoded shards")
+        try:
+            shards = [(str(s["file"]), int(s["count"]), int(s["bytes"])) for s in index["shards"]]
+            recorded = index["codec"]
+            self.codec = Codec(recorded["name"], recorded["quality"], recorded["decoder"].split()[0])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise IntegrityError(f"{path} is malformed ({err!r}); delete the export to re-export") from err
+        n = spec.num_samples
+        if (
+            index.get("num_samples") != n
+            or index.get("shape") != list(spec.shape)
+            or sum(c for _, c, _ in shards) != n
+            or any(c < 1 or Path(f).name != f or not f.endswith(".bin") for f, c, _ in shards)
+        ):
+            raise IntegrityError(f"{path} does not match the manifest or names a bad file; delete the export")
+        if not self.codec.lossless and recorded["decoder"] != self.codec.decoder:
+            log.warning(
+                "encoded: %s was exported with %s; decoding with %s may give other pixels",
+                self.root.name,
+                recorded["decoder"],
+                self.codec.decoder,
+            )
+        order = load_placement(self.folder / PLACEMENT, n)
+        ends = _array(self.folder / OFFSETS, n, "iu").astype(np.int64)
+        self.crc = _array(self.folder / CRC, n, "u").astype(np.uint32)
+        files, first = [], 0
+        for name, count, size in shards:
+            offsets = np.concatenate(([0], ends[first : first + count]))
+            if (np.diff(offsets) <= 0).any() or offsets[-1] != size:
+                raise IntegrityError(
+                    f"{self.folder / OFFSETS} disagrees with {path} on {name}; delete the export"
+                )
+            files.append(RecordFile(self.folder / name, 0, count, offsets=offsets))
+            first += count
+            try:
+                actual = os.stat(self.folder / name).st_size
+            except OSError as err:
+                raise IntegrityError(
+                    f"{self.folder / name} cannot be read: {err}; delete the export"
+                ) from err
+            if actual != size:
+                why = "truncated" if actual < size else "longer than written"
+                raise IntegrityError(
+                    f"{self.folder / name} is damaged: {actual} bytes, its {count} records end at byte "
+                    f"{size} ({why}); delete the export to re-export"
+                )
+        self.place(files, order, labels, ids, cfg)
+
+    def read_sorted(self, positions: np.ndarray) -> RecordBatch:
+        """Records of ``positions`` (in file order) through the stream's memory maps: per-item use, plots."""
+        return RecordBatch(
+            positions, *self.stream.gather_blobs(self.shard_of[positions], self.local[positions])
+        )
+
+    def _damaged(self, position: int, why) -> Exception:
+        path = self.files[int(self.shard_of[position])].path
+        return sample_error(int(self.ids[position]), path, why, self.root)
+
+    def tensors(self, batch: RecordBatch):
+        """The batch's records, each checked against its CRC-32, decoded into one uint8 tensor."""
+        x = np.empty((len(batch), *self.spec.shape), dtype=np.uint8)
+        blob, offsets, positions = batch.records, batch.offsets, batch.positions
+        crc = self.crc[self.slot[positions]].tolist()
+        for j, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            record = blob[a:b]
+            if zlib.crc32(record) != crc[j]:
+                raise self._damaged(positions[j], "its bytes fail their CRC-32 (the record is corrupted)")
+            try:
+                self.codec.decode_into(record, x[j])
+            except CodecError as err:
+                raise self._damaged(positions[j], err) from err
+        return torch.from_numpy(x), torch.from_numpy(self.labels[positions])
