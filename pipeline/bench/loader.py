@@ -27,12 +27,13 @@ CSV). The in-RAM gather paired with a pass always runs warm and outside the cgro
 before the next drop: it is the same ceiling in every condition, so ``ratio_vs_ram`` of a cold or capped
 point reads as "how far below the in-memory ceiling", measured under the same machine load.
 
-Output, in the run dir and in an MLflow run: ``results.csv`` (one row per point: samples/s, MB/s,
-``bytes_per_sample`` (the export's data files over its samples: bytes on disk per sample), peak
-``memory/used_mb`` and mapped file MB from pipeline.system.memory, first-batch latency, shuffle
-quality, the export's build time, ratios to the baselines and the disk, ``disk_read_mb`` per timed
-pass (main process + workers, pipeline.system.iocount), ``read_amplification`` (those bytes / the
-sample bytes delivered), the conditions and the cgroup's peak) and ``results.png``.
+Output, in the run dir and in an MLflow run: ``results.csv`` (one row per point: samples/s, MB/s of
+samples as delivered (decoded), ``bytes_per_sample`` (the export's data files over its samples: bytes on
+disk per sample), peak ``memory/used_mb`` and mapped file MB from pipeline.system.memory, first-batch
+latency, shuffle quality, the export's build time, ratios to the baselines and the disk, ``disk_read_mb``
+per timed pass (main process + workers, pipeline.system.iocount), ``read_amplification`` (those bytes /
+the stored bytes of the samples delivered: an ``encoded`` sample's record), the conditions and the
+cgroup's peak) and ``results.png``.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
         tr.log_metrics({"disk/sequential_mb_per_s": disk.mb_per_s})
     for name, (scfg, exp) in exports.items():
         split = partition(exp.labels, cfg.split)
-        sample_bytes = exp.spec.sample_bytes
+        stored = exp.stored_sample_bytes  # what a read of one sample fetches at best (encoded: its record)
         on_disk = data_bytes_per_sample(exp)
         if x is None:
             x, y = ram_train_set(cfg.source, split.train)
@@ -271,23 +272,24 @@ def run_bench(cfg: DictConfig, output_dir: Path, tr: TrackedRun | None = None) -
 
             row = {"storage": name, "num_workers": workers, "batch_size": batch_size, "prefetch": prefetch}
             with Passes(make, b.cache, b.memory_limit_mb, drop=[exp.root]) as passes:
-                row.update(measure(passes, rams[batch_size], b, held_mb, sample_bytes))
+                row.update(measure(passes, rams[batch_size], b, held_mb, stored))
             row["memory_limit_mb"] = passes.limit_applied_mb
             row["cgroup_peak_mb"] = passes.cgroup_peak_mb
             row["shuffle_quality"] = shuffle_quality(epoch_order(passes.loader, b.seed))
             row["export_seconds"] = exp.manifest["export_seconds"]
             row["bytes_per_sample"] = on_disk
+            row["sample_bytes"] = exp.spec.sample_bytes  # as delivered (decoded)
             rows.append(row)
             log.info("bench: %s", _describe(row))
     for batch_size, ram in rams.items():
         row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0}
-        row["bytes_per_sample"] = x[0].nbytes  # in memory, not on disk
-        row.update(measure(Passes(lambda ram=ram: ram), None, b, 0.0, sample_bytes))  # in RAM: warm, uncapped
+        row["bytes_per_sample"] = row["sample_bytes"] = x[0].nbytes  # in memory, not on disk
+        row.update(measure(Passes(lambda ram=ram: ram), None, b, 0.0, x[0].nbytes))  # in RAM: warm, uncapped
         row["shuffle_quality"] = shuffle_quality(epoch_order(ram, b.seed))
         rows.append(row)
         log.info("bench: %s", _describe(row))
     for row in rows:
-        row["mb_per_s"] = row["samples_per_s"] * sample_bytes / 1e6
+        row["mb_per_s"] = row["samples_per_s"] * row.pop("sample_bytes") / 1e6  # samples as delivered
         row["ratio_vs_pt"] = row["samples_per_s"] / _find(rows, "pt", row["batch_size"])["samples_per_s"]
         disk_samples_per_s = disk.mb_per_s * 1e6 / row["bytes_per_sample"]  # the format's bytes, in order
         row["ratio_vs_disk"] = row["samples_per_s"] / disk_samples_per_s if disk_samples_per_s else 0.0
