@@ -80,23 +80,20 @@ def test_rng_state_survives_a_weights_only_round_trip():
 
 
 def test_same_config_gives_bitwise_identical_metrics_for_0_and_2_workers(tmp_path):
-    """Two runs of one config: identical metrics, bitwise, every epoch -- with 0 workers and with 2;
-    the worker count itself does not change them either. Another seed does."""
+    """Two runs of one config: identical metrics, bitwise, every epoch; a run with 2 workers gives the
+    same ones (so the worker count does not change them). Another seed does not."""
     runs = {
-        name: run_job(tmp_path, ["trainer.epochs=3", *overrides], name)
+        name: run_job(tmp_path, ["trainer.epochs=2", *overrides], name)
         for name, overrides in [
             ("w0", ["loader.num_workers=0"]),
             ("w0_again", ["loader.num_workers=0"]),
             ("w2", ["loader.num_workers=2"]),
-            ("w2_again", ["loader.num_workers=2"]),
             ("seed1", ["trainer.seed=1"]),
         ]
     }
     h = {name: histories(tmp_path, run_id) for name, run_id in runs.items()}
-    assert all(len(v) == 3 for v in h["w0"].values())
-    assert h["w0"] == h["w0_again"]  # exact float equality, every metric, every epoch
-    assert h["w2"] == h["w2_again"]
-    assert h["w0"] == h["w2"]
+    assert all(len(v) == 2 for v in h["w0"].values())
+    assert h["w0"] == h["w0_again"] == h["w2"]  # exact float equality, every metric, every epoch
     assert h["seed1"]["train/loss"] != h["w0"]["train/loss"]
 
     tags = {name: client(tmp_path).get_run(run_id).data.tags for name, run_id in runs.items()}

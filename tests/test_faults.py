@@ -195,7 +195,7 @@ def test_export_failure_marks_the_mlflow_run_failed(tmp_path, small_fs):
 
     from pipeline.job import run
 
-    cfg = compose_cfg(tmp_path, [f"paths.data_dir={small_fs}", "trainer.epochs=1"])
+    cfg = compose_cfg(tmp_path, [f"paths.data_dir={small_fs}", "storage=pt", "trainer.epochs=1"])
     with pytest.raises(ExportError, match="the disk is full"):
         run(cfg)
     client = MlflowClient(cfg.tracking.uri)

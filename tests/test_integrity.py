@@ -221,7 +221,13 @@ def _last_run(tmp_path):
 
 
 def test_training_refuses_a_damaged_export_and_the_run_is_failed(tmp_path):
-    overrides = ["source=synthetic", "source.num_samples=60", "source.shape=[4,3]", "trainer.epochs=1"]
+    overrides = [
+        "source=synthetic",
+        "source.num_samples=60",
+        "source.shape=[4,3]",
+        "storage=pt",
+        "trainer.epochs=1",
+    ]
     cfg = compose_cfg(tmp_path, overrides)
     exp = export(cfg.source, cfg.storage, cfg.paths.data_dir)
     path = _file(exp, 11)
