@@ -23,6 +23,7 @@ drop_last whichever way the batches are made.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import random
 
@@ -34,6 +35,8 @@ from pipeline.training import distributed
 from pipeline.training.prefetch import ThreadPrefetcher
 from pipeline.training.seeding import EpochShuffle
 from pipeline.training.transforms import Augmented
+
+log = logging.getLogger(__name__)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -121,6 +124,8 @@ def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device, 
         generator=generator,
     )
     if cfg.num_workers > 0:
+        if getattr(dataset, "WORKERS_HINT", None):
+            log.warning(dataset.WORKERS_HINT)
         kwargs.update(
             prefetch_factor=cfg.prefetch_factor,
             persistent_workers=bool(cfg.persistent_workers),
