@@ -174,3 +174,23 @@ def test_failed_job_fails_the_sweep_parent(tmp_path, capsys):
     assert "error" in out.splitlines()[1]
     line = next(line for line in out.splitlines() if job.info.run_id[:8] in line)
     assert "LFWUnavailable: LFW data is not in" in line and line.startswith("FAILED")
+
+
+def test_the_sweep_callback_pickles_without_its_heartbeat_thread():
+    """Launchers running jobs in other processes (joblib, submitit) pickle Hydra's callbacks with the
+    task: a started heartbeat (a thread, locks) must not go with them, and must keep beating here."""
+    import pickle
+
+    from pipeline.tracking.heartbeat import Heartbeat
+    from pipeline.tracking.sweep import SweepCallback
+
+    cb = SweepCallback(report=False)
+    cb.parent_id, cb.uri = "abc123", "sqlite:///nowhere.db"
+    cb.heartbeat = Heartbeat(cb.uri, cb.parent_id, 3600.0).start()
+    beat = cb.heartbeat
+    try:
+        copy = pickle.loads(pickle.dumps(cb))
+        assert cb.heartbeat is beat  # the launcher's own callback keeps beating
+    finally:
+        beat.stop()
+    assert copy.heartbeat is None and (copy.parent_id, copy.uri, copy.report) == ("abc123", cb.uri, False)
