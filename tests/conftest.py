@@ -77,11 +77,24 @@ def compose_cfg(root: Path, overrides: list[str] = ()):
         )
 
 
+def cli_env(root: Path, env: dict | None = None) -> dict:
+    """The environment of a real CLI run: this checkout importable, outputs under ``root``."""
+    return {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO), **(env or {})}
+
+
 def run_command(root: Path, argv: list[str], timeout: float = 300, env: dict | None = None):
     """Run ``argv`` for real, in a subprocess in ``root``, with this checkout importable and outputs under
     ``root``."""
-    full_env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(argv, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        argv, cwd=root, env=cli_env(root, env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_cli(root: Path, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """Start ``python -m pipeline`` for real in ``root`` (as ``run_cli``) and return at once; ``popen``:
+    ``subprocess.Popen`` options (stdout, stderr, start_new_session ...)."""
+    argv = [sys.executable, "-m", "pipeline", *args]
+    return subprocess.Popen(argv, cwd=root, env=env if env is not None else cli_env(root), text=True, **popen)
 
 
 def run_cli(root: Path, *args: str, timeout: float = 300, env: dict | None = None):

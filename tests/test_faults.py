@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from pipeline.data.export import ExportError, export, open_export
 from pipeline.data.storage import get_format
 from pipeline.tracking.store import TrackingError, prepare_store
-from tests.conftest import REPO, compose_cfg, sqlite_uri
+from tests.conftest import REPO, compose_cfg, sqlite_uri, start_cli
 
 # ----------------------------------------------------------------------------------------------
 # Export killed with SIGKILL
@@ -377,15 +377,7 @@ def test_an_unrelated_error_after_a_handled_worker_death_stays_itself():
 
 @pytest.mark.slow
 def test_dataloader_worker_killed_mid_epoch_fails_the_cli_run(tmp_path):
-    env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *WORKER_ARGS],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(tmp_path, *WORKER_ARGS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed: list[int] = []
     try:
         _kill_a_worker_when_training(proc.pid, killed)

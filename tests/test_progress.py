@@ -22,7 +22,7 @@ import torch
 
 from pipeline import progress
 from pipeline.config.validate import ConfigError, validate
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, cli_env, compose_cfg, start_cli
 
 BAR = "%|"  # tqdm draws "NN%|####  |"
 
@@ -274,16 +274,9 @@ def test_cli_job_with_an_epoch_over_40_s_logs_progress_at_the_default_interval(t
         "trainer.epochs=1",
         "tracking.log_model=false",
     ]
-    env = {**os.environ, "PIPELINE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = cli_env(tmp_path)
     env.pop("CI", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(tmp_path, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, first = [], None
     try:
         for line in proc.stdout:  # a pipe: progress bars are off

@@ -22,7 +22,7 @@ from pipeline.system import cgroups, processes
 from pipeline.tracking import heartbeat as hb
 from pipeline.tracking.reaper import reap
 from pipeline.tracking.store import prepare_store
-from tests.conftest import REPO, sqlite_uri
+from tests.conftest import REPO, sqlite_uri, start_cli
 
 # a process that opens runs as a job (or a sweep launcher) does, prints their ids, then waits
 HOLDER = """
@@ -289,17 +289,9 @@ LONG = ["trainer.epochs=200", "loader.batch_size=4", "tracking.log_model=false",
 
 
 def _job(root: Path, name: str, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
     where = f"hydra.sweep.dir={root}/{name}" if "-m" in overrides else f"hydra.run.dir={root}/{name}"
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *overrides, where],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return start_cli(root, *overrides, where, **out, start_new_session=True)
 
 
 def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:

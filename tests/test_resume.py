@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from pipeline.config.validate import ConfigError
 from pipeline.runs.checkpoint import CheckpointDir, CheckpointError, list_checkpoints, load_checkpoint
 from pipeline.runs.resume import open_resume
-from tests.conftest import REPO, compose_cfg, sqlite_uri
+from tests.conftest import compose_cfg, sqlite_uri, start_cli
 from tests.run_helpers import FAST, client, histories, run_id_for, run_job
 
 
@@ -87,15 +85,8 @@ def test_resume_target_errors_are_clear(tmp_path):
 
 
 def _cli(root: Path, run_dir: str, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PIPELINE_ROOT": str(root), "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *FAST, f"hydra.run.dir={root}/{run_dir}", *overrides],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run_dir = f"hydra.run.dir={root}/{run_dir}"
+    return start_cli(root, *FAST, run_dir, *overrides, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 @pytest.mark.slow

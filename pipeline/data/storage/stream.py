@@ -398,12 +398,14 @@ class Buffer:
         self.data = None
 
 
-class MappedBuffer:
-    """The records of one request, read through the files' memory maps (the page cache, no copy held)."""
+class MappedBuffer(Buffer):
+    """The records of one request, read through the files' memory maps (the page cache, no copy held);
+    ``batch`` and ``release`` as ``Buffer``'s."""
 
     def __init__(self, stream: BufferStream, file_ids: np.ndarray, records: np.ndarray, release) -> None:
         self.stream, self.file_ids, self.records = stream, file_ids, records
         self.record_bytes = stream.record_bytes
+        self.data = None  # nothing held
         self._release = release
 
     def __len__(self) -> int:
@@ -416,16 +418,6 @@ class MappedBuffer:
     def blobs(self, idx) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(idx, dtype=np.int64)
         return self.stream.gather_blobs(self.file_ids[idx], self.records[idx])
-
-    def batch(self, positions: np.ndarray, idx) -> RecordBatch:
-        if self.record_bytes:
-            return RecordBatch(positions, self.rows(idx))
-        return RecordBatch(positions, *self.blobs(idx))
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release(None)
 
 
 def runs_of(file_ids: np.ndarray) -> list[tuple[int, int, int]]:
