@@ -21,6 +21,7 @@ from pipeline.data.storage.shards import BlockShuffleBatchSampler
 from pipeline.data.storage.stream import RecordBatch
 from tests.conftest import compose_cfg
 from tests.test_codec import PSNR_FLOOR_DB, psnr
+from tests.test_shards import _batches as batches  # (positions, x, y) of one pass, via __getitems__
 
 BASE = {"name": "encoded", "dtype": "uint8", "codec": "png", "quality": None, "decoder": "imagecodecs"}
 
@@ -46,15 +47,6 @@ def images(rng, n, shape, smooth=True):
         grad = ramp[None, None, :, None] if len(shape) == 3 else ramp[None, None, :]
         x = (grad + (x % 8)).astype(np.uint8)
     return x, rng.integers(0, 5, size=n).astype(np.int64)
-
-
-def batches(ds, sampler):
-    """(positions, x, y) of one pass, through ``__getitems__`` as the loader does."""
-    out = []
-    for batch in sampler:
-        bx, by = ds.__getitems__(batch)
-        out.append((np.asarray(list(batch)), bx.numpy(), by.numpy()))
-    return out
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
