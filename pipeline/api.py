@@ -5,13 +5,15 @@
     exp = api.export_data(cfg)                       # exp.root, exp.spec, exp.labels, exp.dataset(ids)
     split = api.split_data(cfg, exp)                 # split.train, split.val (sample ids)
     train_loader, val_loader = api.make_loaders(cfg, exp, split)   # train batches augmented (transform)
-    model = api.make_model(cfg, exp, split)          # split: for transform.normalize's train figures
+    model = api.make_model(cfg, exp, train_loader)   # train_loader: for transform.normalize's figures
     history = api.train(cfg, model, train_loader, val_loader)   # one metrics dict per epoch
     fig_paths = api.plot(cfg, exp, model, val_loader, history)  # PNGs in cfg.paths.output_dir/plots
 
     final = api.run(cfg)                             # or the whole job, tracked in MLflow like the CLI
 
-The stages above are not tracked (nothing is logged to MLflow); ``run`` is exactly the CLI's job.
+The stages above are pipeline/stages.py's, the very functions the CLI's job runs, so a notebook gives
+the CLI's numbers for the same config; they are not tracked (nothing is logged to MLflow). ``run`` is
+exactly the CLI's job.
 Outside ``@hydra.main`` there is no ``${hydra:runtime.output_dir}``, so ``compose_config`` sets
 ``paths.output_dir`` to ``<paths.outputs>/notebook/<date>/<time>`` unless you pass it, and writes
 the composed config to ``<output_dir>/.hydra/config.yaml`` (the run logs it as an artifact).
@@ -50,15 +52,15 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
 
 def export_data(cfg: DictConfig):
     """Export (or reuse) the source's samples in the configured storage format; returns an ``Export``."""
-    from pipeline.data.export import export
+    from pipeline import stages
 
-    return export(cfg.source, cfg.storage, cfg.paths.data_dir)
+    return stages.export_data(cfg)
 
 
 def split_data(cfg: DictConfig, exp):
-    from pipeline.data.partition import partition
+    from pipeline import stages
 
-    return partition(exp.labels, cfg.split)
+    return stages.split_data(cfg, exp)
 
 
 def device(cfg: DictConfig) -> torch.device:
@@ -68,47 +70,47 @@ def device(cfg: DictConfig) -> torch.device:
 
 
 def make_loaders(cfg: DictConfig, exp, split):
-    """(train_loader, val_loader) over the export, as the job builds them."""
-    from pipeline.training.loading import build_loader
-    from pipeline.training.transforms import FlipCrop
+    """(train_loader, val_loader) over the export, as the job builds them: torch threads and every seed
+    are set first, as the job sets them."""
+    from pipeline import stages
 
-    dev, seed = device(cfg), cfg.trainer.seed
-    augment = FlipCrop.from_config(cfg.transform)
-    train = build_loader(
-        exp.dataset(split.train, cfg.storage), cfg.loader, seed=seed, train=True, device=dev, augment=augment
-    )
-    val = build_loader(exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=dev)
-    return train, val
+    stages.prepare(cfg)
+    return stages.make_loaders(cfg, exp, split, device(cfg))
 
 
-def make_model(cfg: DictConfig, exp, split=None):
-    """The model; with ``transform.normalize`` it normalises with the train split's figures (``split``)."""
-    from pipeline.training.models import build_model
-    from pipeline.training.transforms import train_stats
+def make_model(cfg: DictConfig, exp, train_loader=None):
+    """The model, as the job builds it; with ``transform.normalize`` it normalises with the train split's
+    figures (pass ``train_loader``). Call it after ``make_loaders``, as the job does: the seeds are set
+    there."""
+    from pipeline import stages
 
     stats = None
     if cfg.transform.normalize:
-        if split is None:
-            raise ValueError("transform.normalize=true: pass the split, make_model(cfg, exp, split)")
-        stats = train_stats(exp.dataset(split.train, cfg.storage), exp.spec)
-    torch.manual_seed(cfg.trainer.seed)
-    return build_model(cfg.model, exp.spec, stats)
+        if train_loader is None:
+            raise ValueError(
+                "transform.normalize=true: pass the train loader, make_model(cfg, exp, train_loader)"
+            )
+        stats = stages.normalization(cfg, exp, train_loader.dataset)
+    return stages.make_model(cfg, exp, stats)
 
 
 def train(cfg: DictConfig, model, train_loader, val_loader) -> list[dict]:
     """Train ``model`` in place for ``cfg.trainer.epochs``; returns one metrics dict per epoch."""
     from pipeline import progress
-    from pipeline.training.train import fit
+    from pipeline.training.train import build_optimizer, fit
 
     progress.configure(cfg.get("progress", "auto"))
     history: list[dict] = []
+    dev = device(cfg)
+    model.to(dev)
     fit(
         model,
         train_loader,
         val_loader,
         cfg.trainer,
-        device=device(cfg),
+        device=dev,
         on_epoch=lambda epoch, metrics: history.append(dict(metrics)),
+        optimizer=build_optimizer(model, cfg.trainer),
     )
     return history
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pipeline.system import page_cache
 from pipeline.system.cgroups import CgroupUnavailable, MemoryCgroup
 from pipeline.system.iocount import disk_read_bytes
-from pipeline.training.seeding import set_epoch
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()  # reasons already logged (no cgroup, drop method)
@@ -90,7 +89,7 @@ class Passes:
         how = page_cache.drop(self.drop)
         _once("cold passes: the export's pages dropped before each pass (%s)", how)
         self.loader = self.make_loader()
-        set_epoch(self.loader, self.epoch)
+        self.loader.set_epoch(self.epoch)
 
     def run(self) -> Pass:
         if self.cold:

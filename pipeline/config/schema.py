@@ -1,10 +1,14 @@
-"""Config schemas: every default is written here, once; conf/ YAML options hold only what differs.
+"""Config schemas: every default is written here or in the module of the option it configures, once; conf/
+YAML options hold only what differs.
 
     import pipeline.config   # registers these dataclasses in Hydra's ConfigStore as base_*
 
-Every config group option in ``conf/`` extends one of the dataclasses below, so a wrong type or an
-unknown key fails when Hydra composes the config. Checks that composition cannot express live in
-pipeline/config/validate.py.
+The groups' options extend a base: ``SourceConfig`` (each source module's own dataclass, e.g.
+``pipeline.data.sources.synthetic.SyntheticConfig``), ``StorageConfig`` (each storage format's, e.g.
+``pipeline.data.storage.shards.ShardsConfig``), ``ModelConfig`` (below). A wrong type or an unknown key fails
+when Hydra composes; a value outside a range fails in ``pipeline.config.checks.check_fields``, which reads
+the constraint declared on the field (``at_least``, ``number``, ...). Checks across keys:
+pipeline/config/validate.py and the sources' and formats' ``validate``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,17 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pipeline.config.checks import (
+    TRISTATE,
+    at_least,
+    auto_or_at_least,
+    constrained,
+    int_list,
+    number,
+    one_of,
+    text,
+)
+
 
 class Choice(str, Enum):
     """A closed set of string options: a wrong value fails when Hydra composes, naming the valid ones.
@@ -25,31 +40,9 @@ class Choice(str, Enum):
         return self.value
 
 
-class SampleDtype(Choice):
-    float16 = "float16"
-    float32 = "float32"
-    float64 = "float64"
-    uint8 = "uint8"
-
-
 class StoredDtype(Choice):
     source = "source"  # store what the source yields (float32 for lfw and digits, uint8 for image folders)
     uint8 = "uint8"  # 8-bit codes of 8-bit sources; the manifest's mapping gives back the exact values
-
-
-class ImageMode(Choice):
-    L = "L"  # grey, samples of [H, W]
-    RGB = "RGB"  # samples of [H, W, 3]
-
-
-class OnError(Choice):
-    skip = "skip"  # name the file in the log and leave it out
-    fail = "fail"  # stop the export
-
-
-class ImageCheck(Choice):
-    full = "full"  # decode every file while listing
-    header = "header"  # read headers only (faster; a broken body fails the export, naming the file)
 
 
 class StartMethod(Choice):
@@ -65,23 +58,6 @@ class TransformName(Choice):
     normalize = "normalize"
 
 
-class ShardBuffers(Choice):
-    auto = "auto"  # memory when the export is larger than half the memory the job may use, else mapped
-    memory = "memory"  # copied into anonymous memory with large reads; pages dropped from the cache behind
-    mapped = "mapped"  # read through memory maps, read ahead by the kernel; pages stay cached
-
-
-class CodecName(Choice):
-    png = "png"  # lossless
-    webp = "webp"  # lossless without a quality, lossy with one
-    jpeg = "jpeg"  # lossy: needs a quality
-
-
-class CodecDecoder(Choice):
-    imagecodecs = "imagecodecs"  # 1.4-3x Pillow on photo crops (docs/compact-samples.md)
-    pillow = "pillow"  # the reference
-
-
 class Optimizer(Choice):
     adam = "adam"
     adamw = "adamw"
@@ -94,120 +70,46 @@ class CacheState(Choice):
 
 
 MODEL_NAMES = ("mlp", "cnn")  # conf/model/<name>.yaml; pipeline/training/models.py builds them
+DEVICES = "auto | cpu | cuda | cuda:N | mps"
+
+
+def _is_device(v: Any) -> bool:
+    return isinstance(v, str) and (v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"))
 
 
 @dataclass
 class SourceConfig:
+    """Base of every source's schema (each in its module under pipeline/data/sources/)."""
+
     name: str = MISSING
 
 
 @dataclass
-class DigitsConfig(SourceConfig):
-    name: str = "digits"
-
-
-@dataclass
-class LFWConfig(SourceConfig):
-    name: str = "lfw"
-    data_home: Optional[str] = None  # scikit-learn's cache folder; default ~/scikit_learn_data
-    min_faces_per_person: int = 0
-    resize: float = 0.5
-    color: bool = False
-    funneled: bool = True
-    download_if_missing: bool = True
-    download_timeout_s: float = 20.0  # per network attempt
-    download_retries: int = 3  # further attempts after a failed download (1 s apart)
-
-
-@dataclass
-class SyntheticConfig(SourceConfig):
-    name: str = "synthetic"
-    num_samples: int = 10_000
-    shape: List[int] = field(default_factory=lambda: [62, 47])
-    num_classes: int = 10
-    dtype: SampleDtype = SampleDtype.float32
-    seed: int = 0
-    noise: float = 1.0
-    block_size: int = 1024  # samples generated per block; part of the data's definition
-
-
-@dataclass
-class ImageFolderConfig(SourceConfig):
-    name: str = "image_folder"
-    root: str = MISSING  # one sub-folder per class
-    mode: ImageMode = ImageMode.L
-    size: List[int] = field(default_factory=lambda: [64, 64])  # [H, W]
-    extensions: List[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])
-    on_error: OnError = OnError.skip  # what an unreadable file or a link leaving root does
-    check: ImageCheck = ImageCheck.full
-    chunk_size: int = 256
-
-
-@dataclass
 class StorageConfig:
+    """Base of every storage format's schema (each in its module under pipeline/data/storage/)."""
+
     name: str = MISSING
     dtype: StoredDtype = StoredDtype.source  # uint8: 1 byte per value (docs/compact-samples.md)
 
 
 @dataclass
-class PtStorageConfig(StorageConfig):
-    name: str = "pt"
-
-
-@dataclass
-class NpyStorageConfig(StorageConfig):
-    name: str = "npy"
-
-
-@dataclass
-class MemmapStorageConfig(StorageConfig):
-    name: str = "memmap"
-    io_threads: int = 16  # read-time: threads waiting on a batch's rows the page cache misses
-
-
-@dataclass
-class ShardsStorageConfig(StorageConfig):
-    name: str = "shards"
-    shard_size_mb: float = 64.0  # MiB per shard file (at least one sample per shard)
-    shuffle_buffer_shards: int = 4  # read-time: shards whose samples are shuffled together
-    placement_seed: int = 0  # seeds the permutation placing samples in shards (mixes class-sorted sources)
-    buffers: ShardBuffers = ShardBuffers.auto  # read-time: how a buffer of shards is held (see ShardBuffers)
-
-
-@dataclass
-class EncodedStorageConfig(ShardsStorageConfig):
-    """Shards of encoded images (docs/compact-samples.md); shard_size_mb counts encoded bytes."""
-
-    name: str = "encoded"
-    dtype: StoredDtype = StoredDtype.uint8  # always: a codec takes the source's 8-bit codes
-    codec: CodecName = CodecName.png  # lossless by default
-    quality: Optional[int] = None  # 1..100 for lossy webp or jpeg; null: lossless (jpeg needs one)
-    decoder: CodecDecoder = CodecDecoder.imagecodecs  # part of the export: lossy pixels depend on it
-
-
-@dataclass
-class RamStorageConfig(StorageConfig):
-    name: str = "ram"
-
-
-@dataclass
 class SplitConfig:
-    ratio: float = 0.8
+    ratio: float = number(0.8, above=0.0, below=1.0, valid="must be strictly between 0 and 1, e.g. 0.8")
     seed: int = 0
     stratify: bool = True
 
 
 @dataclass
 class LoaderConfig:
-    batch_size: int = 64
+    batch_size: int = at_least(1, 64)
     shuffle: bool = True
-    num_workers: int = 0
-    pin_memory: str = "auto"  # auto (only with CUDA) | true | false
-    prefetch_factor: int = 2  # passed only when num_workers > 0
+    num_workers: int = at_least(0, 0)
+    pin_memory: str = one_of(TRISTATE, "auto")  # auto (only with CUDA) | true | false
+    prefetch_factor: int = at_least(1, 2)  # passed only when num_workers > 0
     persistent_workers: bool = False  # passed only when num_workers > 0
     drop_last: bool = False
     multiprocessing_context: StartMethod = StartMethod.auto
-    thread_prefetch: int = 0  # batches a background thread prepares ahead (in-process); 0 = off
+    thread_prefetch: int = at_least(0, 0)  # batches a background thread prepares ahead (in-process); 0 = off
 
 
 @dataclass
@@ -216,7 +118,9 @@ class TransformConfig:
 
     name: TransformName = TransformName.none
     flip: bool = False  # random horizontal flip, p = 0.5 per sample
-    crop_padding: int = 0  # random crop of the original size from the image zero-padded by this many pixels
+    crop_padding: int = at_least(
+        0, 0
+    )  # random crop of the original size from the image padded by this many px
     normalize: bool = False  # (x - mean) / std per channel, mean and std measured on the train split
 
 
@@ -225,50 +129,67 @@ class ModelConfig:
     name: str = MISSING
 
 
+DROPOUT = "must be in [0, 1)"
+
+
 @dataclass
 class MLPConfig(ModelConfig):
     name: str = "mlp"
-    hidden: List[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
+    hidden: List[int] = int_list([256, 128], valid="a non-empty list of integers >= 1")
+    dropout: float = number(0.0, at_least=0.0, below=1.0, valid=DROPOUT)
 
 
 @dataclass
 class CNNConfig(ModelConfig):
     name: str = "cnn"
-    channels: List[int] = field(default_factory=lambda: [16, 32])
-    hidden: int = 128
-    dropout: float = 0.0
+    channels: List[int] = int_list([16, 32], valid="a non-empty list of integers >= 1")
+    hidden: int = at_least(1, 128)
+    dropout: float = number(0.0, at_least=0.0, below=1.0, valid=DROPOUT)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 5
+    epochs: int = at_least(1, 5)
     optimizer: Optimizer = Optimizer.adam
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
+    lr: float = number(1e-3, above=0.0, valid="must be a finite number > 0, e.g. 0.001")
+    weight_decay: float = number(0.0, at_least=0.0, valid="must be a finite number >= 0")
+    momentum: float = number(0.9, at_least=0.0, valid="must be a finite number >= 0")  # sgd only
+    device: str = constrained("auto", _is_device, DEVICES)  # auto: cuda when present
     seed: int = 0
-    torch_threads: Any = "auto"  # auto (cores // parallel jobs: pipeline/training/threads.py) | N >= 1
+    # auto (cores // parallel jobs: pipeline/training/threads.py) | N >= 1
+    torch_threads: Any = auto_or_at_least(1, "auto")
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn-only) + cudnn settings
     checkpoint: bool = True  # a checkpoint in <output_dir>/checkpoints at each epoch end
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept; 0 keeps all
-    resume: Optional[str] = None  # an MLflow run id, a run dir or a checkpoint file to continue from
-    memory_budget_mb: Optional[float] = None  # abort when memory/used_mb crosses it; null = no budget
-    memory_interval_s: float = 0.5  # how often the memory sampler reads /proc
+    keep_checkpoints: int = at_least(0, 2)  # the newest N checkpoints are kept; 0 keeps all
+    # an MLflow run id, a run dir or a checkpoint file to continue from
+    resume: Optional[str] = text(
+        None, optional=True, valid="null, an MLflow run id, a run directory or a checkpoint file"
+    )
+    # abort when memory/used_mb crosses it; null = no budget
+    memory_budget_mb: Optional[float] = number(
+        None, above=0.0, optional=True, valid="must be null (no budget) or a number of MB > 0, e.g. 4000"
+    )
+    memory_interval_s: float = number(  # how often the memory sampler reads /proc
+        0.5, above=0.0, valid="must be a number of seconds > 0, e.g. 0.5"
+    )
+
+
+URI_EXAMPLE = "a non-empty string, e.g. uri=sqlite:////abs/mlflow.db or http://127.0.0.1:5000"
 
 
 @dataclass
 class TrackingConfig:
     # one SQLite store for the whole project (absolute path), unless MLFLOW_TRACKING_URI says otherwise
-    uri: str = '${oc.env:MLFLOW_TRACKING_URI,"sqlite:///${paths.outputs}/mlflow.db"}'
-    experiment: str = "pipeline"
+    uri: str = text('${oc.env:MLFLOW_TRACKING_URI,"sqlite:///${paths.outputs}/mlflow.db"}', valid=URI_EXAMPLE)
+    experiment: str = text("pipeline", valid="a non-empty string, e.g. pipeline")
     artifact_location: Optional[str] = "${paths.outputs}/mlartifacts"  # when a local store creates it
     run_name: Optional[str] = None
     log_model: bool = True  # the final model as the run's ``model`` artifact (mlflow.pytorch, pickle)
-    heartbeat_s: float = 30.0  # how often a running job rewrites its run's pipeline.heartbeat tag
+    # how often a running job rewrites its run's pipeline.heartbeat tag
+    heartbeat_s: float = number(30.0, above=0.0, valid="seconds > 0, e.g. 30")
     reap: bool = True  # at start, end KILLED the experiment's RUNNING runs whose process is dead
-    stale_after_s: float = 300.0  # a run from another host is dead once its heartbeat is this old
+    # a run from another host is dead once its heartbeat is this old (>= 2 x heartbeat_s: validate.py)
+    stale_after_s: float = number(300.0, at_least=0.0, valid="seconds >= 2 x tracking.heartbeat_s, e.g. 300")
 
 
 @dataclass
@@ -283,10 +204,9 @@ class PathsConfig:
 class ProgressConfig:
     """``progress=auto|true|false`` on the command line still sets ``bars`` alone (pipeline/progress.py)."""
 
-    bars: str = "auto"  # progress bars: auto (interactive terminal, not CI/multirun) | true | false
-    log_every_s: float = (
-        30.0  # where bars are off: one log line per this many seconds of a long phase; 0 = none
-    )
+    bars: str = one_of(TRISTATE, "auto")  # progress bars: auto (interactive terminal, not CI/multirun)
+    # where bars are off: one log line per this many seconds of a long phase; 0 = none
+    log_every_s: float = number(30.0, at_least=0.0, valid="seconds >= 0 (0: no lines)")
 
 
 @dataclass
@@ -336,27 +256,39 @@ class BenchConfig:
     progress: Any = field(default_factory=ProgressConfig)  # exports: bars or log lines
 
 
+def register_storage_schema(name: str, node: type, *, option: bool = False) -> None:
+    """``node`` as ``storage/base_<name>`` (what conf/storage/<name>.yaml extends), and with ``option`` as
+    ``storage/<name>`` itself (a format registered from code, with no YAML)."""
+    cs = ConfigStore.instance()
+    cs.store(group="storage", name=f"base_{name}", node=node)
+    if option:
+        cs.store(group="storage", name=name, node=node)
+
+
+def register_source_schema(name: str, node: type, *, option: bool = False) -> None:
+    """``node`` as ``source/base_<name>``, and with ``option`` as ``source/<name>`` itself."""
+    cs = ConfigStore.instance()
+    cs.store(group="source", name=f"base_{name}", node=node)
+    if option:
+        cs.store(group="source", name=name, node=node)
+
+
 def register_configs() -> None:
-    """base_config, and a base_* per option schema of the groups whose option picks a schema (source,
-    storage, model). ``Config``'s fields type the rest: transform's options name no base, and split,
-    loader, trainer, tracking and paths have no options, only keys."""
+    """base_config; a base_<name> per source and storage format (their own modules' dataclasses, found by
+    pipeline.data.sources.sources() and pipeline.data.storage.formats()) and per model. ``Config``'s fields
+    type the rest: transform's options name no base, and split, loader, trainer, tracking and paths have no
+    options, only keys."""
+    from pipeline.data.sources import sources
+    from pipeline.data.storage import formats
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, name, node in [
-        ("source", "base_digits", DigitsConfig),
-        ("source", "base_lfw", LFWConfig),
-        ("source", "base_synthetic", SyntheticConfig),
-        ("source", "base_image_folder", ImageFolderConfig),
-        ("storage", "base_pt", PtStorageConfig),
-        ("storage", "base_npy", NpyStorageConfig),
-        ("storage", "base_memmap", MemmapStorageConfig),
-        ("storage", "base_shards", ShardsStorageConfig),
-        ("storage", "base_encoded", EncodedStorageConfig),
-        ("storage", "base_ram", RamStorageConfig),
-        ("model", "base_mlp", MLPConfig),
-        ("model", "base_cnn", CNNConfig),
-    ]:
-        cs.store(group=group, name=name, node=node)
+    for name, kind in sources().items():
+        register_source_schema(name, kind.config)
+    for name, fmt in formats().items():
+        register_storage_schema(name, fmt.config)
+    cs.store(group="model", name="base_mlp", node=MLPConfig)
+    cs.store(group="model", name="base_cnn", node=CNNConfig)
 
 
 def register_bench() -> None:

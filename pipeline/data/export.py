@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from pipeline import fsio, progress
 from pipeline.data import quantize
 from pipeline.data.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
-from pipeline.data.sources import SampleSpec, build_source, source_identity
+from pipeline.data.sources import SampleSpec, build_source, get_source
 from pipeline.data.storage import get_format
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Export:
     def dataset(self, ids: np.ndarray, storage_cfg=None):
         """A map-style Dataset over the sample ids ``ids`` of this export."""
         fmt = get_format(self.manifest["storage"]["name"])
-        return fmt.Dataset(self.root, self.spec, self.labels, ids, storage_cfg)
+        return fmt.dataset(self.root, self.spec, self.labels, ids, storage_cfg)
 
 
 def _plain(cfg) -> dict:
@@ -83,18 +83,18 @@ def _plain(cfg) -> dict:
 
 
 def write_options(storage_cfg) -> dict:
-    """The storage config minus the format's read-time options (``READ_OPTIONS``), which the
+    """The storage config minus the format's read-time options (``read_options``), which the
     files on disk do not depend on: changing one reuses the export."""
     plain = _plain(storage_cfg)
-    skip = getattr(get_format(plain["name"]), "READ_OPTIONS", ())
+    skip = get_format(plain["name"]).read_options
     return {k: v for k, v in plain.items() if k not in skip}
 
 
 def format_identity(storage_cfg) -> dict | None:
-    """What a format's files depend on beyond its config (its module's optional ``identity``: encoded
-    records its decoder's version); None for most formats."""
-    hook = getattr(get_format(_plain(storage_cfg)["name"]), "identity", None)
-    return hook(_plain(storage_cfg)) if hook is not None else None
+    """What a format's files depend on beyond its config (``StorageFormat.identity``: encoded records its
+    decoder's version); None for most formats."""
+    plain = _plain(storage_cfg)
+    return get_format(plain["name"]).identity(plain)
 
 
 def fingerprint(source_cfg, storage_cfg, identity: dict | None = None) -> str:
@@ -107,14 +107,14 @@ def fingerprint(source_cfg, storage_cfg, identity: dict | None = None) -> str:
         "source": _plain(source_cfg),
         "storage": storage,
     }
-    fmt = get_format(_plain(storage_cfg)["name"])
-    layout = getattr(fmt, "LAYOUT", None)
+    layout = get_format(_plain(storage_cfg)["name"]).layout
     if layout is not None:  # a format's own layout version (shards 2: samples placed in a seeded permutation)
         payload["format_layout"] = layout
     identity = identity if identity is not None else format_identity(storage_cfg)
     if identity is not None:  # e.g. encoded's codec and decoder version
         payload["format_identity"] = identity
-    identity = source_identity(source_cfg)  # e.g. an image folder's file listing
+    plain_source = _plain(source_cfg)
+    identity = get_source(plain_source["name"]).identity(plain_source)  # e.g. an image folder's files
     if identity is not None:
         payload["source_identity"] = identity
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
@@ -126,13 +126,11 @@ def export_name(source_cfg, storage_cfg) -> str:
 
 
 def _config_only(source: dict) -> bool:
-    """True when the source's data is defined by its config alone (no ``identity`` hook)."""
-    import importlib
+    """True when the source's data is defined by its config alone (``SourceKind.defined_by_config``)."""
+    from pipeline.data.sources import sources
 
-    from pipeline.data.sources import SOURCES
-
-    name = source.get("name")
-    return name in SOURCES and getattr(importlib.import_module(SOURCES[name]), "identity", None) is None
+    kind = sources().get(source.get("name"))
+    return kind is not None and kind.defined_by_config
 
 
 def open_export(root: Path, verify: bool = False) -> Export:
@@ -161,9 +159,7 @@ def open_export(root: Path, verify: bool = False) -> Export:
         )
     files = check_files(root, manifest, verify=verify)
     spec = Export(root, manifest, np.empty(0), True).spec
-    fmt = get_format(manifest["storage"]["name"])
-    if hasattr(fmt, "check"):  # a format's own structural check (optional)
-        fmt.check(root, spec, {rel: v[0] for rel, v in files.items()})
+    get_format(manifest["storage"]["name"]).check(root, spec, {rel: v[0] for rel, v in files.items()})
     try:
         labels = np.load(root / LABELS, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -259,7 +255,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
             f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free in {tmp.parent}; free space or set paths.data_dir"
         )
     tmp.mkdir(parents=True)
-    writer = get_format(storage_cfg.name).Writer(tmp, spec, storage_cfg)
+    writer = get_format(storage_cfg.name).writer(tmp, spec, storage_cfg)
     labels = np.empty(spec.num_samples, dtype=np.int64)
     digest = hashlib.sha256()
     done = 0
@@ -290,16 +286,15 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
     np.save(tmp / LABELS, labels, allow_pickle=False)
     fsio.sync_tree(tmp)  # every sample on disk before the manifest says the export is complete
-    if hasattr(writer, "after_sync"):  # a format's step once its files are on disk (shards: uncache them)
-        writer.after_sync()
-    files = write_file_list(tmp, getattr(writer, "digests", None))  # size, mtime, sha256 per file
+    writer.after_sync()  # a format's step once its files are on disk (shards: uncache them)
+    files = write_file_list(tmp, writer.digests)  # size, mtime, sha256 per file
     extra = {}
     if divisor is not None:  # uint8 codes: the values they stand for
         extra["values"] = quantize.mapping(divisor)
     identity = format_identity(storage_cfg)
     if identity is not None:  # encoded: codec and decoder version (in the fingerprint too)
         extra["format_identity"] = identity
-    if getattr(writer, "stored_bytes", None):  # a format that compresses: mean bytes per stored sample
+    if writer.stored_bytes:  # a format that compresses: mean bytes per stored sample
         extra["stored_sample_bytes"] = writer.stored_bytes / max(done, 1)
     manifest = {
         "layout_version": LAYOUT_VERSION,

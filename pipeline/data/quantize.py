@@ -38,13 +38,10 @@ def levels(divisor: float | None) -> np.ndarray:
 
 
 def divisor_for(source_cfg) -> float:
-    """The divisor of an 8-bit source (its module's ``uint8_divisor``); NotEightBit says why not."""
-    import importlib
+    """The divisor of an 8-bit source (its ``SourceKind.eight_bit``); NotEightBit says why not."""
+    from pipeline.data.sources import get_source
 
-    from pipeline.data.sources import SOURCES
-
-    hook = getattr(importlib.import_module(SOURCES[source_cfg.name]), "uint8_divisor", None)
-    answer = hook(source_cfg) if hook is not None else "its values are not 8-bit"
+    answer = get_source(source_cfg.name).eight_bit(source_cfg)
     if isinstance(answer, str):
         raise NotEightBit(f"source={source_cfg.name}: {answer}")
     return float(answer)

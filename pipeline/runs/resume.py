@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.config.validate import ConfigError
 from pipeline.runs.checkpoint import find_checkpoint, is_locked, load_checkpoint
 from pipeline.tracking.store import config_differences, flatten
-from pipeline.training.seeding import capture_rng, restore_rng, set_epoch
+from pipeline.training.seeding import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Resume:
         model.load_state_dict(self.state["model"])
         optimizer.load_state_dict(self.state["optimizer"])
         restore_rng(self.state["rng"], _generators(train_loader, val_loader))
-        set_epoch(train_loader, self.epoch)
+        train_loader.set_epoch(self.epoch)
         log.info("resume: continuing run %s after epoch %d from %s", self.run_id, self.epoch, self.path)
         return self.epoch
 

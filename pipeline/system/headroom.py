@@ -62,3 +62,11 @@ def require(need_bytes: int, what: str, remedy: str = "") -> Headroom:
             f"({h.describe()}).{' ' + remedy if remedy else ''}"
         )
     return h
+
+
+def memory_room() -> int:
+    """The memory this job may fill, page cache included: RAM, or its cgroup's limit where lower (what a
+    reader compares an export's size with to tell whether it can stay cached between epochs)."""
+    total = int(psutil.virtual_memory().total)
+    limit = memory_limit()
+    return min(total, limit) if limit is not None else total

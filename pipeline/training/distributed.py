@@ -6,12 +6,11 @@ Nothing to configure: under torchrun (``WORLD_SIZE`` > 1 in the environment) the
 
 - joins the process group (``init(device)``: gloo on CPU, nccl on CUDA, one GPU per ``LOCAL_RANK``);
 - exports on rank 0 only; the other ranks wait at a barrier, then open the export (``rank0_first``);
-- gives each DataLoader a ``ShardSampler``: a ``DistributedSampler`` (seeded, ``set_epoch`` every epoch)
-  that does not pad, so every sample is seen exactly once per epoch across ranks. A storage format's own
-  batch sampler is dealt out by ``RankBatches`` (batches r, r+W, ...), or deals itself when it has
-  ``for_rank(rank, world)`` (shards: each rank reads its own part of every shard). Ranks may then hold
-  one batch more or less than each other; the train loop runs inside DDP's ``Join`` (``joined``), which
-  keeps the gradient all-reduce of the ranks that run out first going;
+- gives each loader this rank's share of every epoch (pipeline.training.loading: the sampler's
+  ``for_rank``, pipeline/data/sampling.py), without padding, so every sample is seen exactly once per
+  epoch across ranks (shards: each rank reads its own part of every shard). Ranks may then hold one batch
+  more or less than each other; the train loop runs inside DDP's ``Join`` (``joined``), which keeps the
+  gradient all-reduce of the ranks that run out first going;
 - wraps the model in DDP (``wrap``), and sums loss, correct predictions and sample counts over the ranks
   (``sum_all``), so ``train/samples_seen`` and every loss/accuracy are global figures;
 - creates, logs to and ends the MLflow run on rank 0 only (``is_rank0``; the others log to ``NoRun``),
@@ -38,7 +37,6 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,89 +107,6 @@ def rank0_first(fn: Callable[[], T]) -> T:
 def rank_dir(path: Path) -> Path:
     """Where this rank writes its files: ``path`` on rank 0, ``path/rank<r>`` on the others."""
     return path if is_rank0() else path / f"rank{rank()}"
-
-
-# ---- data ----
-
-
-class ShardSampler(DistributedSampler):
-    """``DistributedSampler`` without padding: rank r takes positions r, r+W, ... of the epoch's order.
-
-    Same order as ``DistributedSampler`` (``torch.randperm`` seeded with seed + epoch), but the shards'
-    sizes differ by at most one instead of repeating samples to even them out.
-    """
-
-    def __iter__(self):
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        return iter(order[self.rank : n : self.num_replicas])
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
-
-
-class RankBatches(Sampler):
-    """This rank's share of a storage format's batch sampler: batches r, r+W, r+2W, ... of each epoch.
-
-    The inner sampler's epoch order depends on (seed, epoch) only, so every rank computes the same batches
-    and takes its own; together the ranks read every sample once per epoch, without padding.
-    """
-
-    def __init__(self, inner, rank: int, world: int) -> None:
-        self.inner, self.rank, self.world = inner, int(rank), int(world)
-        self.batch_size, self.drop_last = inner.batch_size, inner.drop_last
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.inner):
-            if i % self.world == self.rank:
-                yield batch
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.inner), self.world))
-
-    @property
-    def num_samples(self) -> int:
-        """Samples in this rank's batches per epoch (only the epoch's last batch may be short)."""
-        n_batches, bs, n = len(self.inner), self.batch_size, self.inner.n
-        mine = range(self.rank, n_batches, self.world)
-        total = len(mine) * bs
-        if not self.drop_last and n_batches and (n_batches - 1) in mine:
-            total -= n_batches * bs - n
-        return total
-
-
-def shard(loader_kwargs: dict, dataset, seed: int) -> dict:
-    """DataLoader kwargs with a ``ShardSampler`` replacing ``shuffle`` (unchanged outside torchrun)."""
-    if not active():
-        return loader_kwargs
-    kwargs = dict(loader_kwargs)
-    if "batch_sampler" in kwargs:  # a storage format's own batches (memmap, shards): deal them out
-        inner = kwargs["batch_sampler"]
-        if callable(getattr(inner, "for_rank", None)):  # it deals itself (shards: each rank reads its part)
-            kwargs["batch_sampler"] = inner.for_rank(rank(), world_size())
-        else:
-            kwargs["batch_sampler"] = RankBatches(inner, rank(), world_size())
-        return kwargs
-    shuffle = bool(kwargs.pop("shuffle", False)) or kwargs.get("sampler") is not None
-    kwargs["sampler"] = ShardSampler(dataset, shuffle=shuffle, seed=int(seed))
-    return kwargs
-
-
-def local_len(loader) -> int:
-    """Samples this rank's loader yields per epoch (before drop_last)."""
-    batches = getattr(loader, "batch_sampler", None)
-    if getattr(batches, "num_samples", None) is not None:  # RankBatches, a format's own (for_rank)
-        return batches.num_samples
-    sampler = getattr(loader, "sampler", None)
-    return len(sampler) if isinstance(sampler, DistributedSampler) else len(loader.dataset)
 
 
 # ---- model and metrics ----

@@ -96,7 +96,7 @@ def input_stats(model: nn.Module):
 
 def build_model(cfg, spec, stats=None) -> nn.Module:
     """``stats``: (mean, std) per channel, from pipeline.training.transforms.train_stats, or None."""
-    inp = Input(spec.dtype, getattr(spec, "divisor", None), stats)
+    inp = Input(spec.dtype, spec.divisor, stats)
     if cfg.name == "mlp":
         return MLP(spec.shape, spec.num_classes, list(cfg.hidden), cfg.dropout, inp)
     if cfg.name == "cnn":

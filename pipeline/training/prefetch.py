@@ -1,15 +1,15 @@
 """In-process prefetch: a background thread prepares the next batches while the model computes.
 
     from pipeline.training.prefetch import ThreadPrefetcher
-    loader = ThreadPrefetcher(data_loader, depth=4)    # or loader.thread_prefetch=4 in the config
-    for x, y in loader: ...
+    batches = ThreadPrefetcher(data_loader, depth=4)   # loader.thread_prefetch=4 in the config
+    for x, y in batches: ...
 
 With cheap samples (memmap, shards) DataLoader worker processes cost more than they save: every
 batch crosses a process boundary. A thread costs no copy: numpy's gathers and page-cache reads
 release the GIL, so the next batches are read while torch computes. It works with 0 workers (and
 with workers, in front of them). At most ``depth`` batches wait in the queue. An exception in the
-thread is raised in the consumer; leaving the loop early stops the thread. Attributes such as
-``dataset``, ``batch_size`` and ``batch_sampler`` are those of the wrapped loader.
+thread is raised in the consumer; leaving the loop early stops the thread. pipeline.training.loading's
+``EpochLoader`` runs its epochs through it.
 """
 
 from __future__ import annotations
@@ -30,12 +30,6 @@ class ThreadPrefetcher:
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.loader, self.depth = loader, int(depth)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
 
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=self.depth)

@@ -36,8 +36,6 @@ from torch import nn
 from pipeline import progress
 from pipeline.system.iocount import disk_read_bytes
 from pipeline.training import distributed
-from pipeline.training.loading import batching
-from pipeline.training.seeding import set_epoch
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +116,7 @@ def fit(
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        set_epoch(train_loader, epoch)
+        train_loader.set_epoch(epoch)
         total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         n = 0
@@ -191,10 +189,9 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    batch_size, drop_last = batching(train_loader)
     epochs = cfg.epochs - start_epoch
     expected = distributed.sum_all(
-        expected_samples(distributed.local_len(train_loader), batch_size, drop_last, epochs)
+        expected_samples(train_loader.num_samples, train_loader.batch_size, train_loader.drop_last, epochs)
     )
     if seen != expected:
         raise RuntimeError(

@@ -13,8 +13,8 @@ one zero-padded copy of the batch, then one window copy per sample -- on the sto
 stays uint8; padding with 0 is code 0, value 0). The random draws of batch b of epoch e come from a
 generator seeded with ``derive_seed(trainer.seed, "augment", e, b, rank)``, so a batch is
 augmented the same way with 0 or N DataLoader workers, with or without thread prefetch, and after a
-resume. It runs in the main process, after the DataLoader (``Augmented`` wraps it; with
-``loader.thread_prefetch`` inside the prefetch thread): it costs a few us a sample, and running it
+resume. It runs in the main process, after the DataLoader (pipeline.training.loading's ``EpochLoader``;
+with ``loader.thread_prefetch`` inside the prefetch thread): it costs a few us a sample, and running it
 in the workers instead bought nothing measurable (``python -m pipeline.bench.augment``,
 docs/compact-samples.md).
 
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from pipeline.training.seeding import derive_seed, set_epoch
 
 STATS_CHUNK = 4096  # samples read per step while measuring the train split
 
@@ -81,41 +79,15 @@ class FlipCrop:
         return flip_crop(x, flip, top, left, self.padding)
 
 
-class Augmented:
-    """A train loader whose batches pass through ``augment(x, generator)``; batch b of epoch e draws
-    from ``derive_seed(seed, "augment", e, b, rank)``. The epoch advances each time an iteration
-    starts; ``set_epoch`` moves it (and the wrapped loader's shuffle). Other attributes are the
-    wrapped loader's."""
-
-    def __init__(self, loader, augment, seed: int, rank: int = 0) -> None:
-        self.loader, self.augment, self.seed, self.rank = loader, augment, int(seed), int(rank)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        set_epoch(self.loader, epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        for b, (x, y) in enumerate(self.loader):
-            g = torch.Generator()
-            g.manual_seed(derive_seed(self.seed, "augment", epoch, b, self.rank))
-            yield self.augment(x, g), y
-
-
 def _batches(dataset, chunk: int):
-    """The dataset's samples in position order, ``chunk`` at a time (one batched read where offered)."""
-    getitems = getattr(dataset, "__getitems__", None)
+    """The dataset's samples in position order, ``chunk`` at a time (one batched read for a format's
+    ``BatchedDataset``, item by item for any other Dataset)."""
+    from pipeline.data.storage.base import BatchedDataset
+
     for start in range(0, len(dataset), chunk):
         idx = list(range(start, min(start + chunk, len(dataset))))
-        if getitems is not None:
-            x = getitems(idx)[0]
+        if isinstance(dataset, BatchedDataset):
+            x = dataset.__getitems__(idx)[0]
         else:
             x = torch.stack([dataset[i][0] for i in idx])
         yield torch.as_tensor(x)
@@ -126,7 +98,7 @@ def train_stats(dataset, spec, chunk: int = STATS_CHUNK) -> tuple[np.ndarray, np
     model's own input layer) over every sample of ``dataset``; std 0 (a constant channel) becomes 1."""
     from pipeline.training.models import Input
 
-    decode = Input(spec.dtype, getattr(spec, "divisor", None))
+    decode = Input(spec.dtype, spec.divisor)
     channels = spec.shape[-1] if len(spec.shape) == 3 else 1
     total = np.zeros(channels)
     squares = np.zeros(channels)

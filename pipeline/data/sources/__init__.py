@@ -1,83 +1,64 @@
 """Data sources: where samples come from before they are exported.
 
-A source is built from its config subtree and offers ``spec`` (what the samples look like) and
-``chunks()``, an iterator of ``(x, y)`` numpy arrays a chunk at a time, so that an export never holds
-more than one chunk of a large source in memory.
+    from pipeline.data.sources import build_source, get_source
+    src = build_source(cfg.source)          # spec + chunks(): (x, y) numpy arrays a chunk at a time
+    get_source("synthetic").count(cfg.source)   # what the config alone tells (base.py: SourceKind)
 
-    from pipeline.data.sources import build_source
-    src = build_source(cfg.source)
-    for x, y in src.chunks():
-        ...
-
-A source module may define ``count(cfg)``: its sample count from the config alone, so that split and
-batch sizes are validated before any data work (``declared_count``).
+**Adding a source** = one module here that defines ``SOURCE`` (a ``SourceKind``: its config dataclass and
+``build``; base.py holds the contract and its defaults) + one YAML in conf/source/ whose defaults name
+``base_<name>``. Every module of this package is looked at once, on first use: those with a ``SOURCE`` are
+the sources (``register_source`` adds one from outside). A YAML may also be a preset of another source's
+schema (conf/source/lfw_shaped.yaml is ``synthetic`` with LFW's sizes).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+import pkgutil
 
-import numpy as np
+from pipeline.data.sources.base import SampleSpec, Source, SourceKind, chunked
 
-SOURCES = {
-    "digits": "pipeline.data.sources.digits",
-    "image_folder": "pipeline.data.sources.image_folder",
-    "lfw": "pipeline.data.sources.lfw",
-    "synthetic": "pipeline.data.sources.synthetic",
-}
+__all__ = ["SampleSpec", "Source", "SourceKind", "build_source", "chunked", "get_source", "sources"]
+
+_SOURCES: dict[str, SourceKind] = {}
+_DISCOVERED = False
 
 
-@dataclass(frozen=True)
-class SampleSpec:
-    """Shape of one sample, its dtype, and how many samples and classes there are."""
-
-    num_samples: int
-    shape: tuple[int, ...]
-    dtype: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    divisor: float | None = None  # uint8 samples stand for float32(k) / divisor (None: 255); see quantize
-
-    @property
-    def sample_bytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        kind = vars(module).get("SOURCE")
+        if isinstance(kind, SourceKind):
+            _SOURCES.setdefault(kind.name, kind)
+    _DISCOVERED = True
 
 
-class Source(Protocol):
-    spec: SampleSpec
+def sources() -> dict[str, SourceKind]:
+    _discover()
+    return dict(_SOURCES)
 
-    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+def get_source(name: str) -> SourceKind:
+    known = sources()
+    if name not in known:
+        raise ValueError(f"Unknown source {name!r}; valid: {sorted(known)}")
+    return known[name]
+
+
+def register_source(kind: SourceKind, *, option: bool = True) -> None:
+    """Make ``kind`` known by name (export, validate) and its schema composable (``base_<name>``, and with
+    ``option`` the option ``source=<name>`` itself)."""
+    from pipeline.config.schema import register_source_schema
+
+    if not isinstance(kind, SourceKind):
+        raise TypeError(f"register_source takes a SourceKind, got {type(kind).__name__}")
+    _discover()
+    _SOURCES[kind.name] = kind
+    register_source_schema(kind.name, kind.config, option=option)
 
 
 def build_source(cfg) -> Source:
-    if cfg.name not in SOURCES:
-        raise ValueError(f"Unknown source {cfg.name!r}; valid: {sorted(SOURCES)}")
-    return importlib.import_module(SOURCES[cfg.name]).build(cfg)
-
-
-def declared_count(cfg) -> int | None:
-    """Number of samples the source will yield, if its module can tell from the config alone
-    (an optional module-level ``count(cfg)``); None when only reading the data can tell."""
-    if cfg.name not in SOURCES:
-        return None
-    count = getattr(importlib.import_module(SOURCES[cfg.name]), "count", None)
-    return None if count is None else int(count(cfg))
-
-
-def source_identity(cfg) -> dict | None:
-    """What defines a source's data besides its config (e.g. the files in a folder); None if nothing.
-
-    A source module may define ``identity(cfg)``; the export fingerprint includes its result.
-    """
-    if cfg["name"] not in SOURCES:
-        return None
-    identity = getattr(importlib.import_module(SOURCES[cfg["name"]]), "identity", None)
-    return identity(cfg) if identity is not None else None
-
-
-def chunked(x: np.ndarray, y: np.ndarray, chunk: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Chunks of arrays that a source already holds in memory."""
-    for start in range(0, len(y), chunk):
-        yield x[start : start + chunk], y[start : start + chunk]
+    return get_source(cfg.name).build(cfg)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pipeline.data.sources import SampleSpec, chunked
+from pipeline.config.schema import SourceConfig
+from pipeline.data.sources.base import SampleSpec, SourceKind, chunked
+
+
+@dataclass
+class DigitsConfig(SourceConfig):
+    name: str = "digits"
 
 
 class DigitsSource:
@@ -29,15 +37,23 @@ class DigitsSource:
 NUM_SAMPLES = 1797  # fixed: the set is bundled with scikit-learn
 
 
-def count(cfg) -> int:
-    return NUM_SAMPLES
+class Digits(SourceKind):
+    name = "digits"
+    config = DigitsConfig
+
+    def build(self, cfg) -> DigitsSource:
+        return DigitsSource()
+
+    def count(self, cfg) -> int:
+        return NUM_SAMPLES
+
+    def shape(self, cfg) -> tuple[int, ...]:
+        return (8, 8)
+
+    def eight_bit(self, cfg) -> float:
+        """The pixels are integers 0..16 divided by 16: 8-bit storage keeps the integers
+        (pipeline/data/quantize.py)."""
+        return 16.0
 
 
-def uint8_divisor(cfg) -> float:
-    """The pixels are integers 0..16 divided by 16: 8-bit storage keeps the integers
-    (pipeline/data/quantize.py)."""
-    return 16.0
-
-
-def build(cfg) -> DigitsSource:
-    return DigitsSource()
+SOURCE = Digits()

@@ -34,10 +34,42 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import List
 
 import numpy as np
+from omegaconf import MISSING, OmegaConf
 
-from pipeline.data.sources import SampleSpec
+from pipeline.config.checks import ConfigError, at_least, constrained, int_list
+from pipeline.config.schema import Choice, SourceConfig
+from pipeline.data.sources.base import SampleSpec, SourceKind
+
+
+class ImageMode(Choice):
+    L = "L"  # grey, samples of [H, W]
+    RGB = "RGB"  # samples of [H, W, 3]
+
+
+class OnError(Choice):
+    skip = "skip"  # name the file in the log and leave it out
+    fail = "fail"  # stop the export
+
+
+class ImageCheck(Choice):
+    full = "full"  # decode every file while listing
+    header = "header"  # read headers only (faster; a broken body fails the export, naming the file)
+
+
+@dataclass
+class ImageFolderConfig(SourceConfig):
+    name: str = "image_folder"
+    root: str = MISSING  # one sub-folder per class
+    mode: ImageMode = ImageMode.L
+    size: List[int] = int_list([64, 64], length=2, valid="[H, W] >= 1")
+    extensions: List[str] = constrained([".png", ".jpg", ".jpeg"], lambda v: len(v) >= 1, "e.g. [.png, .jpg]")
+    on_error: OnError = OnError.skip  # what an unreadable file or a link leaving root does
+    check: ImageCheck = ImageCheck.full
+    chunk_size: int = at_least(1, 256)
+
 
 log = logging.getLogger(__name__)
 
@@ -183,21 +215,36 @@ class ImageFolderSource:
             yield x, np.array([e.label for e in part], dtype=np.int64)
 
 
-def identity(cfg) -> dict:
-    """What defines the data besides the config: the listed files, their sizes and mtimes."""
-    listing = _Listing(cfg, quiet=True)
-    digest = hashlib.sha256()
-    for entry in listing.entries:
-        st = entry.path.stat()
-        rel = entry.path.relative_to(listing.root).as_posix()
-        digest.update(f"{rel}\0{entry.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return {"files": len(listing.entries), "sha256": digest.hexdigest()}
+class ImageFolder(SourceKind):
+    name = "image_folder"
+    config = ImageFolderConfig
+    defined_by_config = False
+
+    def build(self, cfg) -> ImageFolderSource:
+        return ImageFolderSource(cfg)
+
+    def shape(self, cfg) -> tuple[int, ...]:
+        return (int(cfg.size[0]), int(cfg.size[1])) + (() if str(cfg.mode) == "L" else (3,))
+
+    def identity(self, cfg) -> dict:
+        """What defines the data besides the config: the listed files, their sizes and mtimes."""
+        listing = _Listing(cfg, quiet=True)
+        digest = hashlib.sha256()
+        for entry in listing.entries:
+            st = entry.path.stat()
+            rel = entry.path.relative_to(listing.root).as_posix()
+            digest.update(f"{rel}\0{entry.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"files": len(listing.entries), "sha256": digest.hexdigest()}
+
+    def eight_bit(self, cfg) -> float:
+        """Samples are uint8 already; the models read them as k / 255 (pipeline/data/quantize.py)."""
+        return 255.0
+
+    def validate(self, cfg) -> None:
+        if OmegaConf.is_missing(cfg.source, "root"):
+            raise ConfigError("source.root", "???", "set it to a folder of class folders")
+        if not Path(cfg.source.root).expanduser().is_dir():
+            raise ConfigError("source.root", cfg.source.root, "must be an existing folder")
 
 
-def uint8_divisor(cfg) -> float:
-    """Samples are uint8 already; the models read them as k / 255 (pipeline/data/quantize.py)."""
-    return 255.0
-
-
-def build(cfg) -> ImageFolderSource:
-    return ImageFolderSource(cfg)
+SOURCE = ImageFolder()

@@ -9,11 +9,28 @@ once (154 MB at the defaults); the export then writes it out chunk by chunk.
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from pipeline.data.sources import SampleSpec, chunked
+from pipeline.config.checks import at_least, number
+from pipeline.config.schema import SourceConfig
+from pipeline.data.sources.base import SampleSpec, SourceKind, chunked
+
+
+@dataclass
+class LFWConfig(SourceConfig):
+    name: str = "lfw"
+    data_home: Optional[str] = None  # scikit-learn's cache folder; default ~/scikit_learn_data
+    min_faces_per_person: int = at_least(0, 0)
+    resize: float = number(0.5, above=0.0, at_most=1.0, valid="must be in (0, 1]")
+    color: bool = False
+    funneled: bool = True
+    download_if_missing: bool = True
+    download_timeout_s: float = number(20.0, above=0.0, valid="> 0")  # per network attempt
+    download_retries: int = at_least(0, 3)  # further attempts after a failed download (1 s apart)
 
 
 class LFWUnavailable(RuntimeError):
@@ -78,17 +95,23 @@ class LFWSource:
         return chunked(self.x, self.y)
 
 
-def uint8_divisor(cfg) -> float | str:
-    """8-bit storage (pipeline/data/quantize.py): colour faces are scikit-learn's ``uint8 / 255.0`` in
-    float32; grey faces average three such values (1,177 distinct levels), which 8 bits cannot hold."""
-    if cfg.color:
-        return 255.0
-    return (
-        "with source.color=false scikit-learn averages the three colour channels' k/255 values in "
-        "float32, giving 1,177 distinct grey levels that 8 bits cannot hold exactly; use "
-        "source.color=true"
-    )
+class LFW(SourceKind):
+    name = "lfw"
+    config = LFWConfig
+
+    def build(self, cfg) -> LFWSource:
+        return LFWSource(cfg)
+
+    def eight_bit(self, cfg) -> float | str:
+        """8-bit storage (pipeline/data/quantize.py): colour faces are scikit-learn's ``uint8 / 255.0`` in
+        float32; grey faces average three such values (1,177 distinct levels), which 8 bits cannot hold."""
+        if cfg.color:
+            return 255.0
+        return (
+            "with source.color=false scikit-learn averages the three colour channels' k/255 values in "
+            "float32, giving 1,177 distinct grey levels that 8 bits cannot hold exactly; use "
+            "source.color=true"
+        )
 
 
-def build(cfg) -> LFWSource:
-    return LFWSource(cfg)
+SOURCE = LFW()

@@ -8,9 +8,33 @@ so the data is learnable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import List
+
 import numpy as np
 
-from pipeline.data.sources import SampleSpec
+from pipeline.config.checks import at_least, int_list, number
+from pipeline.config.schema import Choice, SourceConfig
+from pipeline.data.sources.base import SampleSpec, SourceKind
+
+
+class SampleDtype(Choice):
+    float16 = "float16"
+    float32 = "float32"
+    float64 = "float64"
+    uint8 = "uint8"
+
+
+@dataclass
+class SyntheticConfig(SourceConfig):
+    name: str = "synthetic"
+    num_samples: int = at_least(2, 10_000)
+    shape: List[int] = int_list([62, 47], valid="a non-empty list of integers >= 1, e.g. [62, 47]")
+    num_classes: int = at_least(1, 10)
+    dtype: SampleDtype = SampleDtype.float32
+    seed: int = 0
+    noise: float = number(1.0, at_least=0.0, valid="must be >= 0")
+    block_size: int = at_least(1, 1024)  # samples generated per block; part of the data's definition
 
 
 class SyntheticSource:
@@ -41,24 +65,32 @@ class SyntheticSource:
             yield self.block(b)
 
 
-def count(cfg) -> int:
-    return int(cfg.num_samples)
+class Synthetic(SourceKind):
+    name = "synthetic"
+    config = SyntheticConfig
+
+    def build(self, cfg) -> SyntheticSource:
+        return SyntheticSource(
+            num_samples=cfg.num_samples,
+            shape=list(cfg.shape),
+            num_classes=cfg.num_classes,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            noise=cfg.noise,
+            block_size=cfg.block_size,
+        )
+
+    def count(self, cfg) -> int:
+        return int(cfg.num_samples)
+
+    def shape(self, cfg) -> tuple[int, ...]:
+        return tuple(int(d) for d in cfg.shape)
+
+    def eight_bit(self, cfg) -> float | str:
+        """8-bit storage (pipeline/data/quantize.py) of uint8 samples only; float samples are Gaussian."""
+        if str(cfg.dtype) == "uint8":
+            return 255.0
+        return f"source.dtype={cfg.dtype} draws Gaussian noise, not 8-bit values; use source.dtype=uint8"
 
 
-def uint8_divisor(cfg) -> float | str:
-    """8-bit storage (pipeline/data/quantize.py) of uint8 samples only; float samples are Gaussian."""
-    if str(cfg.dtype) == "uint8":
-        return 255.0
-    return f"source.dtype={cfg.dtype} draws Gaussian noise, not 8-bit values; use source.dtype=uint8"
-
-
-def build(cfg) -> SyntheticSource:
-    return SyntheticSource(
-        num_samples=cfg.num_samples,
-        shape=list(cfg.shape),
-        num_classes=cfg.num_classes,
-        dtype=cfg.dtype,
-        seed=cfg.seed,
-        noise=cfg.noise,
-        block_size=cfg.block_size,
-    )
+SOURCE = Synthetic()

@@ -1,22 +1,22 @@
 """Storage formats: how exported samples sit on disk and how a Dataset reads them back.
 
-One format = one module here with a ``Writer`` and a ``Dataset``, plus one YAML in conf/storage/:
+    from pipeline.data.storage import formats, get_format, register_format
+    fmt = get_format("shards")                      # a StorageFormat (pipeline/data/storage/base.py)
+    writer = fmt.writer(root, spec, cfg.storage)    # the export's side
+    ds = fmt.dataset(root, spec, labels, ids, cfg.storage)   # the loader's side
+    register_format(MyFormat())                     # a format from outside this package (a notebook, a test)
 
-    Writer(root, spec, cfg)            .write(x, y) for consecutive chunks, then .close()
-    Dataset(root, spec, labels, ids, cfg)
-                                        a map-style torch Dataset over the sample ids ``ids``;
-                                        item i is (tensor of spec.shape, int label of ids[i])
-    check_fits(spec, num_samples)      optional: raise before loading when a format that holds its
-                                        data in memory would not fit (pipeline/job.py calls it)
-    READ_OPTIONS, LAYOUT               optional: config keys the files do not depend on (left out of the
-                                        export's fingerprint); the format's own layout version (in it)
-    Writer.after_sync()                optional: called by the export once every file is on disk
-    Writer.stored_bytes                optional: the samples' bytes as stored, when not spec.sample_bytes
-                                        each (encoded); the manifest records them per sample
-    identity(storage_cfg)              optional: what the files depend on beyond the config (encoded: the
-                                        decoder's version); in the fingerprint and the manifest
+**Adding a format** = one module here that defines ``FORMAT`` (a ``StorageFormat``: its config dataclass,
+writer and dataset; base.py holds the contracts and their defaults) + one YAML in conf/storage/ whose
+defaults name ``base_<name>`` (the schema, registered with Hydra from ``FORMAT.config``). Every module of
+this package is looked at once, on first use: those with a ``FORMAT`` are the formats. Nothing else lists
+them. The formats here:
 
-How memmap, shards and encoded read (cold and warm): pipeline/data/storage/stream.py, docs/storage-formats.md.
+- ``pt``, ``npy``: one file per sample (per_sample.py), the classic recipe;
+- ``memmap``: one contiguous ``.npy`` read by rows (pipeline/data/readers/rows.py);
+- ``shards``, ``encoded``: samples placed in shard files, read in sequential buffers with a block shuffle
+  (sharded.py; pipeline/data/readers/buffers.py); ``encoded`` stores each sample as a PNG/WebP/JPEG;
+- ``ram``: one ``.npy`` loaded whole into memory (the approach that fails out of core).
 
 Labels (``labels.npy``) and the manifest are written by the export stage for every format.
 """
@@ -24,19 +24,47 @@ Labels (``labels.npy``) and the manifest are written by the export stage for eve
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import pkgutil
 
-FORMATS = {
-    "pt": "pipeline.data.storage.pt",
-    "npy": "pipeline.data.storage.npy",
-    "memmap": "pipeline.data.storage.memmap",
-    "shards": "pipeline.data.storage.shards",
-    "encoded": "pipeline.data.storage.encoded",
-    "ram": "pipeline.data.storage.ram",
-}
+from pipeline.data.storage.base import StorageFormat
+
+_FORMATS: dict[str, StorageFormat] = {}
+_DISCOVERED = False
 
 
-def get_format(name: str) -> ModuleType:
-    if name not in FORMATS:
-        raise ValueError(f"Unknown storage format {name!r}; valid: {sorted(FORMATS)}")
-    return importlib.import_module(FORMATS[name])
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        fmt = vars(module).get("FORMAT")
+        if isinstance(fmt, StorageFormat):
+            _FORMATS.setdefault(fmt.name, fmt)
+    _DISCOVERED = True
+
+
+def formats() -> dict[str, StorageFormat]:
+    """Every known format by name: this package's, then the registered ones."""
+    _discover()
+    return dict(_FORMATS)
+
+
+def get_format(name: str) -> StorageFormat:
+    known = formats()
+    if name not in known:
+        raise ValueError(f"Unknown storage format {name!r}; valid: {sorted(known)}")
+    return known[name]
+
+
+def register_format(fmt: StorageFormat, *, option: bool = True) -> None:
+    """Make ``fmt`` known: the export, the loader and ``validate`` find it by name, and Hydra composes its
+    schema as ``base_<name>`` (and, with ``option``, as the option ``storage=<name>`` itself, so a format
+    defined in a notebook or a test needs no YAML)."""
+    from pipeline.config.schema import register_storage_schema
+
+    if not isinstance(fmt, StorageFormat):
+        raise TypeError(f"register_format takes a StorageFormat, got {type(fmt).__name__}")
+    _discover()
+    _FORMATS[fmt.name] = fmt
+    register_storage_schema(fmt.name, fmt.config, option=option)

@@ -21,12 +21,12 @@ The writer encodes each chunk (threads: Pillow's encoders release the GIL) and a
 spill file in id order; at ``close`` it writes each shard front to back, its records read from the spill in
 placement order, and removes the spill -- never more than a chunk of samples or one shard in memory.
 
-Reading is ``shards``' (``shards.Placed``): ``ShardBatches`` reads buffers of
-``storage.shuffle_buffer_shards`` shards with ``stream.BufferStream`` (``storage.buffers``: memory, mapped,
-auto), shuffles them in memory and hands each batch's encoded records (a ``RecordBatch``: blobs, offsets)
-to ``__getitems__``, which checks each record's CRC-32 and decodes the batch (``codec.Codec``). The epoch's
-order is a function of (seed, epoch) only, so batches are the same for 0 or 2 workers and with
-``loader.thread_prefetch``. A record whose bytes fail their CRC or do not decode raises ``SampleReadError``
+Reading is ``shards``' (pipeline/data/storage/sharded.py): buffers of ``storage.shuffle_buffer_shards``
+shards read sequentially (``storage.buffers``: memory, mapped, auto), shuffled in memory; ``read_into``
+checks each record's CRC-32 and decodes it straight from the buffer (or the file's memory map) into the
+batch (``codec.Codec``) -- in the DataLoader workers when there are workers. The epoch's order is a function
+of (seed, epoch) only, so batches are the same for any number of workers and with ``loader.thread_prefetch``.
+A record whose bytes fail their CRC or do not decode raises ``SampleReadError``
 naming the shard file and the sample id; a shard file shorter (or longer) than the index says fails when the
 Dataset is built, naming the file (and, truncated later, when it is read).
 """
@@ -38,23 +38,29 @@ import logging
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
-import torch
 
-from pipeline.data.codec import Codec, CodecError
+from pipeline.config.checks import ConfigError, require
+from pipeline.config.schema import Choice, StoredDtype
+from pipeline.data.codec import Codec, CodecError, problem
 from pipeline.data.integrity import ExportError, IntegrityError, sample_error
-from pipeline.data.storage.shards import (
-    MIB,
+from pipeline.data.readers.files import RecordFile
+from pipeline.data.sources.base import is_image
+from pipeline.data.storage.base import StorageFormat
+from pipeline.data.storage.base import Writer as BaseWriter
+from pipeline.data.storage.sharded import (
     PLACEMENT,
-    Placed,
+    ShardedDataset,
     load_index,
     load_placement,
     placement,
     uncache,
 )
-from pipeline.data.storage.stream import RecordBatch, RecordFile
+from pipeline.data.storage.shards import MIB, ShardsConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,28 @@ OFFSETS = "offsets.npy"
 CRC = "crc32.npy"
 SPILL = "records.spill"
 LAYOUT = 1
-READ_OPTIONS = ("shuffle_buffer_shards", "buffers")  # not part of the export's fingerprint
+
+
+class CodecName(Choice):
+    png = "png"  # lossless
+    webp = "webp"  # lossless without a quality, lossy with one
+    jpeg = "jpeg"  # lossy: needs a quality
+
+
+class CodecDecoder(Choice):
+    imagecodecs = "imagecodecs"  # faster than Pillow on photo crops (docs/compact-samples.md)
+    pillow = "pillow"  # the reference
+
+
+@dataclass
+class EncodedConfig(ShardsConfig):
+    """Shards of encoded images (docs/compact-samples.md); shard_size_mb counts encoded bytes."""
+
+    name: str = "encoded"
+    dtype: StoredDtype = StoredDtype.uint8  # always: a codec takes the source's 8-bit codes
+    codec: CodecName = CodecName.png  # lossless by default
+    quality: Optional[int] = None  # 1..100 for lossy webp or jpeg; null: lossless (jpeg needs one)
+    decoder: CodecDecoder = CodecDecoder.imagecodecs  # part of the export: lossy pixels depend on it
 
 
 def shard_name(s: int) -> str:
@@ -80,18 +107,6 @@ def codec_of(cfg) -> Codec:
     )
 
 
-def identity(storage_cfg) -> dict:
-    """What the export's samples depend on beyond its config: the decoder's version (lossy pixels differ
-    between decoders). The export's fingerprint includes it; its manifest records it."""
-    c = codec_of(storage_cfg)
-    return {"codec": c.describe(), "decoder": c.decoder}
-
-
-def is_image(shape) -> bool:
-    shape = tuple(shape)
-    return len(shape) == 2 or (len(shape) == 3 and shape[2] == 3)
-
-
 def shard_cuts(sizes: np.ndarray, shard_bytes: float) -> np.ndarray:
     """The shard of each record (records in file order, ``sizes`` bytes each): a shard holds the records that
     start within its ``shard_bytes``, so each holds at least one and at most one record more than fits."""
@@ -100,11 +115,11 @@ def shard_cuts(sizes: np.ndarray, shard_bytes: float) -> np.ndarray:
     return shard.reshape(-1).astype(np.int64)
 
 
-class Writer:
+class Writer(BaseWriter):
     """Encodes each chunk into a spill file (id order); ``close`` writes the shards in placement order."""
 
     def __init__(self, root: Path, spec, cfg) -> None:
-        if spec.dtype != "uint8" or not is_image(spec.shape):
+        if spec.dtype != "uint8" or not is_image(spec.shape, rgb_only=True):
             raise ExportError(
                 f"storage=encoded stores 8-bit images of [H, W] or [H, W, 3]; the samples are {spec.dtype} "
                 f"{list(spec.shape)}"
@@ -199,11 +214,12 @@ def _array(path: Path, n: int, kinds: str) -> np.ndarray:
     return arr
 
 
-class Dataset(Placed):
+class Dataset(ShardedDataset):
     NAME = "encoded"
 
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
-        self.root, self.folder, self.spec = Path(root), Path(root) / FOLDER, spec
+        super().__init__(spec, labels, ids)
+        self.root, self.folder = Path(root), Path(root) / FOLDER
         path = self.folder / INDEX
         index = load_index(path, LAYOUT, "encoded shards")
         try:
@@ -253,27 +269,85 @@ class Dataset(Placed):
                 )
         self.place(files, order, labels, ids, cfg)
 
-    def read_sorted(self, positions: np.ndarray) -> RecordBatch:
-        """Records of ``positions`` (in file order) through the stream's memory maps: per-item use, plots."""
-        return RecordBatch(
-            positions, *self.stream.gather_blobs(self.shard_of[positions], self.local[positions])
-        )
-
     def _damaged(self, position: int, why) -> Exception:
         path = self.files[int(self.shard_of[position])].path
         return sample_error(int(self.ids[position]), path, why, self.root)
 
-    def tensors(self, batch: RecordBatch):
-        """The batch's records, each checked against its CRC-32, decoded into one uint8 tensor."""
-        x = np.empty((len(batch), *self.spec.shape), dtype=np.uint8)
-        blob, offsets, positions = batch.records, batch.offsets, batch.positions
-        crc = self.crc[self.slot[positions]].tolist()
-        for j, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-            record = blob[a:b]
-            if zlib.crc32(record) != crc[j]:
-                raise self._damaged(positions[j], "its bytes fail their CRC-32 (the record is corrupted)")
-            try:
-                self.codec.decode_into(record, x[j])
-            except CodecError as err:
-                raise self._damaged(positions[j], err) from err
-        return torch.from_numpy(x), torch.from_numpy(self.labels[positions])
+    def _decode(self, record: np.ndarray, position: int, out: np.ndarray) -> None:
+        """One record, checked against its CRC-32, decoded into ``out``."""
+        if zlib.crc32(record) != int(self.crc[self.slot[position]]):
+            raise self._damaged(position, "its bytes fail their CRC-32 (the record is corrupted)")
+        try:
+            self.codec.decode_into(record, out)
+        except CodecError as err:
+            raise self._damaged(position, err) from err
+
+    def from_buffer(self, slot: int, loc: np.ndarray, size: np.ndarray, positions, out: np.ndarray) -> None:
+        pool = self.stream.pool
+        for j, (a, n) in enumerate(zip(loc.tolist(), size.tolist())):
+            self._decode(pool.record(slot, a, n), int(positions[j]), out[j])
+
+    def from_files(self, positions: np.ndarray, out: np.ndarray) -> None:
+        """Through the stream's memory maps: per-item use, plots, the mapped buffers' batches."""
+        for j, (s, r) in enumerate(zip(self.shard_of[positions].tolist(), self.local[positions].tolist())):
+            self._decode(self.stream.mapped_record(s, r), int(positions[j]), out[j])
+
+
+class Encoded(StorageFormat):
+    name = "encoded"
+    config = EncodedConfig
+    layout = LAYOUT
+    read_options = ("shuffle_buffer_shards", "buffers")
+
+    def writer(self, root, spec, cfg) -> Writer:
+        return Writer(root, spec, cfg)
+
+    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
+        return Dataset(root, spec, labels, ids, cfg)
+
+    def identity(self, cfg) -> dict:
+        """What the export's samples depend on beyond its config: the decoder's version (lossy pixels differ
+        between decoders). The export's fingerprint includes it; its manifest records it."""
+        c = codec_of(cfg)
+        return {"codec": c.describe(), "decoder": c.decoder}
+
+    def validate(self, cfg) -> None:
+        """A valid codec setting, and a source of 8-bit images (the codec takes uint8 codes)."""
+        from pipeline.data.quantize import NotEightBit, divisor_for
+        from pipeline.data.sources import get_source
+
+        sto, src = cfg.storage, cfg.source
+        why = problem(str(sto.codec), sto.quality)
+        require(why is None, "storage.quality", sto.quality, f"{why} (storage.codec={sto.codec})")
+        require(
+            str(sto.dtype) == "uint8",
+            "storage.dtype",
+            str(sto.dtype),
+            "storage=encoded stores the source's 8-bit codes: leave storage.dtype=uint8 (its default)",
+        )
+        try:
+            divisor_for(src)
+        except NotEightBit as err:
+            raise ConfigError(
+                "storage",
+                "encoded",
+                f"{err}. storage=encoded encodes 8-bit images: {EIGHT_BIT_IMAGES}; or use storage=shards",
+            ) from None
+        super().validate(cfg)
+        shape = get_source(src.name).shape(src)
+        require(
+            shape is None or is_image(shape, rgb_only=True),
+            "storage",
+            "encoded",
+            f"source={src.name} with source.shape={list(shape or ())}: a codec takes images of [H, W] (grey) "
+            f"or [H, W, 3] (RGB). storage=encoded encodes 8-bit images: {EIGHT_BIT_IMAGES}; "
+            "or use storage=shards",
+        )
+
+
+EIGHT_BIT_IMAGES = (
+    "source=image_folder, lfw with source.color=true, digits, or synthetic with source.dtype=uint8 and "
+    "source.shape [H, W] or [H, W, 3]"
+)
+
+FORMAT = Encoded()

@@ -5,8 +5,8 @@ files however large the export. Subclasses only say how one array is saved and l
 
 Reading is guarded: a sample that cannot be decoded (truncated, corrupted, a pickle -- loaders never
 unpickle) or that decodes to another shape or dtype than the manifest's raises ``SampleReadError``
-naming the file. ``check_samples`` (each format's ``check`` hook) makes sure the export's file list
-holds one file per sample.
+naming the file. ``PerSampleFormat.check`` makes sure the export's file list holds one file per sample.
+A batch (``read_into``) loads its samples' files one after the other into the batch's array.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.data.integrity import IntegrityError, sample_error
+from pipeline.data.storage.base import BatchedDataset, StorageFormat, Writer
 
 FILES_PER_FOLDER = 10_000
 
@@ -43,14 +43,14 @@ def check_samples(root: Path, spec, files: dict[str, int], ext: str) -> None:
         )
 
 
-class PerSampleWriter:
+class PerSampleWriter(Writer):
     """Writes each sample through memory so its sha256 is known without reading the file back."""
 
     ext = ""
 
     def __init__(self, root: Path, spec, cfg) -> None:
         self.root, self.spec, self.next_id = Path(root), spec, 0
-        self.digests: dict[str, str] = {}  # relpath -> sha256, used by integrity.write_file_list
+        self.digests = {}  # relpath -> sha256, used by integrity.write_file_list
 
     def save(self, sample: np.ndarray, fh) -> None:
         """Serialise one sample into the binary file object ``fh``."""
@@ -75,32 +75,45 @@ class PerSampleWriter:
         pass
 
 
-class PerSampleDataset(torch.utils.data.Dataset):
+class PerSampleDataset(BatchedDataset):
     ext = ""
 
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
-        self.root, self.spec = Path(root), spec
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
-        # what every sample must decode to, worked out once rather than per item
-        self.want = (tuple(spec.shape), torch.from_numpy(np.empty(0, dtype=spec.dtype)).dtype)
+        super().__init__(spec, labels, ids)
+        self.root = Path(root)
+        self.want = (tuple(spec.shape), np.dtype(spec.dtype))  # what every sample must decode to
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def load(self, path: Path) -> torch.Tensor:
+    def load(self, path: Path) -> np.ndarray:
         raise NotImplementedError
 
-    def __getitem__(self, i: int):
-        sid = int(self.ids[i])
-        path = sample_path(self.root, sid, self.ext)
-        try:
-            x = self.load(path)
-        except Exception as err:  # truncated, corrupted, a pickle refused, missing, ...
-            raise sample_error(sid, path, err, self.root) from err
-        if (tuple(x.shape), x.dtype) != self.want:
-            got = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-            raise sample_error(
-                sid, path, f"holds {got}, manifest says {self.spec.shape} {self.spec.dtype}", self.root
-            )
-        return x, int(self.labels[i])
+    def read_into(self, request, out: np.ndarray) -> None:
+        for j, sid in enumerate(self.ids[request.positions].tolist()):
+            path = sample_path(self.root, sid, self.ext)
+            try:
+                x = self.load(path)
+            except Exception as err:  # truncated, corrupted, a pickle refused, missing, ...
+                raise sample_error(sid, path, err, self.root) from err
+            if (tuple(x.shape), x.dtype) != self.want:
+                got = f"{tuple(x.shape)} {x.dtype}"
+                raise sample_error(
+                    sid, path, f"holds {got}, manifest says {self.spec.shape} {self.spec.dtype}", self.root
+                )
+            out[j] = x
+
+
+class PerSampleFormat(StorageFormat):
+    """A format of one file per sample: its module's ``Writer`` and ``Dataset`` classes, files ``ext``."""
+
+    ext: str
+    writer_class: type
+    dataset_class: type
+
+    def writer(self, root, spec, cfg):
+        return self.writer_class(root, spec, cfg)
+
+    def dataset(self, root, spec, labels, ids, cfg):
+        return self.dataset_class(root, spec, labels, ids, cfg)
+
+    def check(self, root, spec, files) -> None:
+        """One file per sample in the export's file list."""
+        check_samples(root, spec, files, self.ext)

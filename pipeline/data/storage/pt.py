@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
 
-from pipeline.data.storage.per_sample import PerSampleDataset, PerSampleWriter, check_samples
+import numpy as np
+
+from pipeline.config.schema import StorageConfig
+from pipeline.data.storage.per_sample import PerSampleDataset, PerSampleFormat, PerSampleWriter
+
+
+@dataclass
+class PtConfig(StorageConfig):
+    name: str = "pt"
 
 
 class Writer(PerSampleWriter):
     ext = "pt"
 
     def save(self, sample: np.ndarray, fh) -> None:
+        import torch
+
         torch.save(torch.from_numpy(sample), fh)
 
 
 class Dataset(PerSampleDataset):
     ext = "pt"
 
-    def load(self, path) -> torch.Tensor:
-        return torch.load(path, weights_only=True)
+    def load(self, path) -> np.ndarray:
+        import torch
+
+        return torch.load(path, weights_only=True).numpy()
 
 
-def check(root, spec, files) -> None:
-    """Export integrity hook (pipeline.data.integrity): one .pt file per sample."""
-    check_samples(root, spec, files, "pt")
+class Pt(PerSampleFormat):
+    name = "pt"
+    config = PtConfig
+    ext = "pt"
+    writer_class = Writer
+    dataset_class = Dataset
+
+
+FORMAT = Pt()

@@ -18,14 +18,23 @@ either Dataset, and each Dataset for its own ids.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from pipeline.config.schema import StorageConfig
+from pipeline.data.storage.base import BatchedDataset, StorageFormat
+from pipeline.data.storage.base import Writer as BaseWriter
 
 DATA = "data.npy"
 READ_CHUNK = 4096  # samples per read while loading
 REMEDY = "Use storage=memmap or storage=shards, which read from disk and need not fit in memory."
+
+
+@dataclass
+class RamConfig(StorageConfig):
+    name: str = "ram"
 
 
 def check_fits(spec, num_samples: int) -> None:
@@ -36,7 +45,7 @@ def check_fits(spec, num_samples: int) -> None:
     require(need, f"storage=ram would load {num_samples:,} samples of {spec.sample_bytes:,} bytes", REMEDY)
 
 
-class Writer:
+class Writer(BaseWriter):
     def __init__(self, root: Path, spec, cfg) -> None:
         self.path, self.spec, self.next_id = Path(root) / DATA, spec, 0
         self.data = np.lib.format.open_memmap(
@@ -55,10 +64,9 @@ class Writer:
         del self.data
 
 
-class Dataset(torch.utils.data.Dataset):
+class Dataset(BatchedDataset):
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]
+        super().__init__(spec, labels, ids)
         path = Path(root) / DATA
         stored = np.load(path, mmap_mode="r", allow_pickle=False)
         want = (spec.num_samples, *spec.shape)
@@ -72,8 +80,22 @@ class Dataset(torch.utils.data.Dataset):
             self.x[sel] = stored[self.ids[sel]]
         del stored
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def read_into(self, request, out: np.ndarray) -> None:
+        np.take(self.x, request.positions, axis=0, out=out)
 
-    def __getitem__(self, i: int):
-        return torch.from_numpy(self.x[i]), int(self.labels[i])
+
+class Ram(StorageFormat):
+    name = "ram"
+    config = RamConfig
+
+    def writer(self, root, spec, cfg) -> Writer:
+        return Writer(root, spec, cfg)
+
+    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
+        return Dataset(root, spec, labels, ids, cfg)
+
+    def check_fits(self, spec, num_samples: int) -> None:
+        check_fits(spec, num_samples)
+
+
+FORMAT = Ram()

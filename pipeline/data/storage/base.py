@@ -1,0 +1,151 @@
+"""The contracts of a storage format: what the export, the loader and the job call, with the defaults.
+
+A format is a module in this package that defines ``FORMAT``, an instance of a ``StorageFormat`` subclass
+(pipeline/data/storage/__init__.py finds it), plus one YAML in conf/storage/ naming its config schema:
+
+    class Tiny(StorageFormat):
+        name = "tiny"
+        config = TinyConfig                      # a dataclass extending pipeline.config.schema.StorageConfig
+        def writer(self, root, spec, cfg): return TinyWriter(root, spec, cfg)
+        def dataset(self, root, spec, labels, ids, cfg): return TinyDataset(root, spec, labels, ids, cfg)
+    FORMAT = Tiny()
+
+Three contracts, each a base class whose optional hooks have defaults (nothing is probed by name):
+
+- ``StorageFormat``: ``writer`` and ``dataset`` (required); ``layout`` (its files' version, in the export's
+  fingerprint), ``read_options`` (config keys the files do not depend on: changing one reuses the export),
+  ``identity(cfg)`` (what the files depend on beyond the config, e.g. a decoder's version), ``check(root,
+  spec, files)`` (a structural check when an export is opened), ``check_fits(spec, n)`` (raise before
+  loading when a format that holds its data in memory would not fit), ``validate(cfg)`` (its own options,
+  and what it needs of the source, as ``ConfigError``s before any work).
+- ``Writer``: ``write(x, y)`` for consecutive chunks, then ``close()``; ``after_sync()`` once every file is
+  on disk; ``stored_bytes`` (a compressing format's bytes of all samples) and ``digests`` (files it hashed
+  while writing) for the export's manifest.
+- ``BatchedDataset``: a map-style dataset over sample ids ``ids`` that reads whole batches:
+  ``read_into(request, out)`` fills ``out`` (``len(request)`` samples of ``spec.shape`` / ``spec.dtype``)
+  with the samples at ``request.positions``; ``batch_sampler(...)`` gives the epoch's batches (an
+  ``EpochBatchSampler``, pipeline/data/sampling.py; default: a uniform shuffle); ``share_with_workers(n)``
+  allocates, before DataLoader workers start, what they share with the main process (default: nothing).
+  ``__getitems__`` and ``__getitem__`` are built on ``read_into``.
+
+Format modules import no torch at import time: the config layer imports them to register their schemas
+when Hydra composes, and ``pipeline --cfg job`` answers without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.data.sampling import BatchRequest, EpochBatchSampler, RandomBatchSampler, as_request
+
+
+class Writer:
+    """Writes consecutive chunks of samples; the export calls ``write`` per chunk, then ``close``."""
+
+    stored_bytes: int | None = None  # bytes of all samples as stored, when not num_samples x sample_bytes
+    digests: dict[str, str] | None = None  # relpath -> sha256 of files hashed while writing
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def after_sync(self) -> None:
+        """Called once every file is on disk (e.g. drop the written files from the page cache)."""
+
+
+def passthrough_collate(batch):
+    """``__getitems__`` returns the batch already collated."""
+    return batch
+
+
+class BatchedDataset:
+    """The Dataset of every format (module docstring). Subclasses call ``super().__init__(spec, labels,
+    ids)`` and define ``read_into``."""
+
+    collate_fn = staticmethod(passthrough_collate)
+
+    def __init__(self, spec, labels: np.ndarray, ids: np.ndarray) -> None:
+        self.spec = spec
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)[self.ids]  # by position
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_into(self, request: BatchRequest, out: np.ndarray) -> None:
+        """Fill ``out[j]`` with the sample at ``request.positions[j]``."""
+        raise NotImplementedError
+
+    def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> EpochBatchSampler:
+        """The epoch's batches; the default is a uniform shuffle, each batch's positions sorted."""
+        return RandomBatchSampler(len(self), batch_size, shuffle, drop_last, seed)
+
+    def share_with_workers(self, num_workers: int) -> None:
+        """Called in the main process before DataLoader workers start: allocate what they must share with
+        it (shards' memory buffers). Default: nothing."""
+
+    def empty(self, n: int) -> np.ndarray:
+        return np.empty((n, *self.spec.shape), dtype=np.dtype(self.spec.dtype))
+
+    def __getitems__(self, batch):
+        """``(x, y)`` tensors of a batch: a ``BatchRequest`` or plain positions."""
+        import torch
+
+        request = as_request(batch)
+        out = self.empty(len(request))
+        self.read_into(request, out)
+        return torch.from_numpy(out), torch.from_numpy(self.labels[request.positions])
+
+    def __getitem__(self, i: int):
+        x, y = self.__getitems__(BatchRequest([int(i)]))
+        return x[0], int(y[0])
+
+
+class StorageFormat:
+    """One storage format (module docstring): required ``name``, ``config``, ``writer`` and ``dataset``."""
+
+    name: ClassVar[str]
+    config: ClassVar[type]  # its schema: a dataclass extending pipeline.config.schema.StorageConfig
+    layout: ClassVar[int | None] = None
+    read_options: ClassVar[tuple[str, ...]] = ()
+
+    def writer(self, root: Path, spec, cfg) -> Writer:
+        raise NotImplementedError
+
+    def dataset(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg) -> BatchedDataset:
+        raise NotImplementedError
+
+    def identity(self, cfg) -> dict | None:
+        """What the files depend on beyond the config (in the fingerprint and the manifest); None: nothing."""
+        return None
+
+    def check(self, root: Path, spec, files: dict[str, int]) -> None:
+        """Raise IntegrityError when an opened export's files (relpath -> size) lack what this format
+        needs."""
+
+    def check_fits(self, spec, num_samples: int) -> None:
+        """Raise before loading when ``num_samples`` samples held in memory would not fit."""
+
+    def validate(self, cfg) -> None:
+        """Raise ConfigError for a bad value of this format's options (``cfg.storage``) or a source it cannot
+        store (``cfg.source``), before any work. The default checks what every format's ``storage.dtype``
+        needs: ``uint8`` stores 8-bit codes, so the source must be 8-bit. An override calls it too."""
+        if str(cfg.storage.get("dtype", "source")) != "uint8":
+            return
+        from pipeline.config.checks import ConfigError
+        from pipeline.data.quantize import NotEightBit, divisor_for
+
+        try:
+            divisor_for(cfg.source)
+        except NotEightBit as err:
+            raise ConfigError(
+                "storage.dtype",
+                "uint8",
+                f"{err}. 8-bit storage needs 8-bit values: source=lfw with source.color=true, "
+                "image_folder, digits, or synthetic with source.dtype=uint8; or keep storage.dtype=source",
+            ) from None

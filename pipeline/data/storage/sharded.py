@@ -1,0 +1,360 @@
+"""What ``shards`` and ``encoded`` share: samples placed in shard files in a seeded permutation, read in
+sequential buffers with a block shuffle, each batch gathered straight from the buffer it lies in.
+
+    class Dataset(ShardedDataset):         # a format's Dataset: checks its files, then
+        self.place(files, order, labels, ids, cfg)
+        def from_buffer(self, slot, loc, size, out): ...   # records of buffer ``slot`` into samples
+        def from_files(self, positions, out): ...          # records read directly (positions in file order)
+
+**Placement.** The export places samples in the shard files in a random permutation seeded by
+``storage.placement_seed`` (``placement``), so each shard holds a random sample of the classes even when the
+source lists them class by class (image folders), and a buffer of a few shards gives batches nearly as mixed
+as a full shuffle's. ``placement.npy`` records the sample id of every record, shard after shard.
+
+**An epoch** (``ShardBatches``, the Dataset's batch sampler): shards in a random order,
+``shuffle_buffer_shards`` at a time (pipeline/data/sampling.py: ``BlockShuffleBatchSampler``, a function of
+(seed, epoch) only); each buffer is read whole by ``BufferStream`` (pipeline/data/readers/buffers.py), the
+next one read while the current one is consumed, its records shuffled in memory and cut into batches (a
+batch may straddle two buffers). Each batch is a ``BufferedBatch``: its positions and, per sample, the buffer
+and the byte range of its record -- a few hundred bytes, whichever process reads it. ``read_into`` copies (or
+decodes) the records from the buffer into the batch; ``storage.buffers=memory`` buffers live in memory the
+DataLoader workers share (``share_with_workers``), so the main process reads each buffer once and the workers
+gather and decode their batches from it. With ``mapped`` buffers a batch is only its positions, read from the
+files' memory maps by whichever process reads it, while the sampler asks the kernel to read the next buffer
+ahead. Batches are the same for any number of workers and with thread prefetch.
+
+``storage.buffers``: ``memory`` holds each buffer in anonymous (or, with workers, shared) memory, counted in
+``memory/used_mb`` (at most two buffers of ``shuffle_buffer_shards`` shards), with large reads and the pages
+dropped behind the reader, for data larger than memory; ``mapped`` reads through memory maps, nothing copied
+or dropped, so data that fits stays in the page cache for the next epoch; ``auto`` (default) is ``memory``
+when the export is larger than half the memory the job may use (pipeline.system.headroom.memory_room), else
+``mapped``. Under torchrun (``for_rank``) rank r of W reads the r-th of W contiguous slices of each shard's
+records -- sequential reads, no byte read by two ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.schema import Choice
+from pipeline.data.integrity import IntegrityError
+from pipeline.data.readers.buffers import BufferPool, BufferStream
+from pipeline.data.readers.files import RecordFile, runs_of
+from pipeline.data.sampling import BatchRequest, BlockShuffleBatchSampler
+from pipeline.data.storage.base import BatchedDataset
+from pipeline.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+PLACEMENT = "placement.npy"
+DEPTH = 2  # memory buffers held: the one consumed and the one read ahead
+
+
+class ShardBuffers(Choice):
+    auto = "auto"  # memory when the export is larger than half the memory the job may use, else mapped
+    memory = "memory"  # copied into anonymous memory with large reads; pages dropped from the cache behind
+    mapped = "mapped"  # read through memory maps, read ahead by the kernel; pages stay cached
+
+
+def placement(num_samples: int, seed: int) -> np.ndarray:
+    """The sample id of each record, shard after shard: a permutation seeded by ``seed`` (through
+    ``derive_seed``, so it is not the permutation a split with the same seed draws)."""
+    rng = np.random.default_rng(derive_seed(int(seed), "shards.placement"))
+    return rng.permutation(int(num_samples)).astype(np.int64)
+
+
+def inverse(order: np.ndarray) -> np.ndarray:
+    """The record (slot) of each sample id, given the sample id of each record."""
+    slot_of = np.empty(len(order), dtype=np.int64)
+    slot_of[order] = np.arange(len(order), dtype=np.int64)
+    return slot_of
+
+
+class OpenFiles:
+    """Write descriptors for many files, at most ``MAX_OPEN`` open at once (for a writer's ``pwrite``s)."""
+
+    MAX_OPEN = 256
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.fds = list(paths), {}
+
+    def fd(self, i: int) -> int:
+        fd = self.fds.get(i)
+        if fd is None:
+            if len(self.fds) >= self.MAX_OPEN:
+                self.close()
+            fd = self.fds[i] = os.open(self.paths[i], os.O_WRONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def uncache(paths) -> None:
+    """Drop written (and synced) files from the page cache. Written in random order, their cached pages are
+    small (4 KiB folios), and batches gathered through a memory map from those ran slower than from the
+    large folios the kernel's readahead makes when the files are read back; so the first read does that."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_index(path: Path, layout: int, what: str) -> dict:
+    """``index.json`` of a sharded export, checked to be of ``layout``; IntegrityError names the file."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export to re-export") from err
+    if not isinstance(index, dict) or index.get("layout") != layout:
+        found = index.get("layout", 1) if isinstance(index, dict) else None
+        raise IntegrityError(
+            f"{path} describes {what} of layout {found}; this version reads layout {layout}. "
+            "Delete the export to re-export"
+        )
+    return index
+
+
+def load_placement(path: Path, num_samples: int) -> np.ndarray:
+    """The sample id of each record, checked to be a permutation of the ``num_samples`` ids."""
+    try:
+        order = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise IntegrityError(f"{path} cannot be read: {err}; delete the export") from err
+    if (
+        order.shape != (num_samples,)
+        or order.dtype.kind not in "iu"
+        or (num_samples and not (np.bincount(order, minlength=num_samples) == 1).all())
+    ):
+        raise IntegrityError(f"{path} is not a permutation of the {num_samples} sample ids")
+    return order.astype(np.int64)
+
+
+def buffer_mode(setting, data_bytes: int) -> str:
+    """``storage.buffers``: ``auto`` is ``memory`` when the export is larger than half the memory the job may
+    use (it cannot stay cached across epochs anyway), else ``mapped``."""
+    from pipeline.system.headroom import memory_room
+
+    setting = str(setting)
+    if setting == "auto":
+        return "memory" if data_bytes > memory_room() // 2 else "mapped"
+    return setting
+
+
+def reader_index() -> int:
+    """Who is reading: 0 in the main process, w + 1 in DataLoader worker w (a buffer's reader counts)."""
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    return 0 if info is None else int(info.id) + 1
+
+
+class BufferedBatch(BatchRequest):
+    """A batch whose records lie in memory buffers: per sample, the buffer (``slots``) and the byte range of
+    its record there (``loc``, ``size``)."""
+
+    __slots__ = ("slots", "loc", "size")
+
+    def __init__(self, positions, epoch: int, slots, loc, size) -> None:
+        super().__init__(positions, epoch)
+        self.slots = np.asarray(slots, dtype=np.int64)
+        self.loc = np.asarray(loc, dtype=np.int64)
+        self.size = np.asarray(size, dtype=np.int64)
+
+    def __reduce__(self):  # __slots__ classes pickle through this (to DataLoader workers)
+        return (BufferedBatch, (self.positions, self.epoch, self.slots, self.loc, self.size))
+
+
+class ShardedDataset(BatchedDataset):
+    """The Dataset base of ``shards`` and ``encoded`` (module docstring). A format's ``__init__`` checks its
+    files, then calls ``place``; it defines ``from_buffer`` and ``from_files``."""
+
+    NAME = "shards"  # for messages
+
+    def place(self, files: list[RecordFile], order: np.ndarray, labels, ids, cfg) -> None:
+        """Positions over the sample ids ``ids``, in ``files`` that hold the records of the sample ids
+        ``order``, shard after shard; ``cfg``: read-time options (``shuffle_buffer_shards``, ``buffers``)."""
+        self.files = files
+        counts = np.array([f.count for f in files], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)  # first slot of each shard
+        slots = inverse(order)[self.ids]
+        self.shard_of = np.searchsorted(starts, slots, side="right") - 1  # shard of each position
+        self.local = slots - starts[self.shard_of]  # its record in that shard
+        self.slot = slots  # its record among all, shard after shard (file order)
+        cfg = cfg if cfg is not None else {}
+        self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
+        self.spans = [int(f.spans(np.array([f.count - 1]))[1][0]) - f.offset if f.count else 0 for f in files]
+        self.buffers = buffer_mode(cfg.get("buffers", "auto"), sum(self.spans))
+        self.stream = BufferStream(files, mode=self.buffers, depth=DEPTH)
+        held = DEPTH * self.buffer_bytes()
+        from pipeline.system.headroom import memory_room
+
+        if self.buffers == "memory" and held > memory_room() // 2:
+            log.warning(
+                "%s: two buffers of %d shards hold %.0f MB, over half the %.0f MB this job may use; "
+                "lower storage.shuffle_buffer_shards or export smaller shards (storage.shard_size_mb)",
+                self.NAME,
+                self.buffer_shards,
+                held / 1e6,
+                memory_room() / 1e6,
+            )
+
+    def buffer_bytes(self) -> int:
+        """The most one buffer can hold: its ``shuffle_buffer_shards`` largest shards, whole."""
+        return int(sum(sorted(self.spans, reverse=True)[: self.buffer_shards]))
+
+    def share_with_workers(self, num_workers: int) -> None:
+        """``memory`` buffers in shared memory (allocated now, before the workers start), so the main
+        process reads each buffer once and every worker gathers its batches from it."""
+        if self.buffers != "memory" or num_workers < 1:
+            return
+        import torch
+
+        nbytes = max(self.buffer_bytes(), 1)
+        data = [torch.empty(nbytes, dtype=torch.uint8).share_memory_().numpy() for _ in range(DEPTH)]
+        issued = torch.zeros(DEPTH, dtype=torch.int64).share_memory_().numpy()
+        done = torch.zeros((num_workers + 1, DEPTH), dtype=torch.int64).share_memory_().numpy()
+        self.stream.pool = BufferPool(data, issued, done, fixed=True)
+
+    @property
+    def opened_pid(self) -> int | None:
+        """Which process opened the files for direct reads (each DataLoader worker opens its own)."""
+        return self.stream.opened_pid
+
+    def from_buffer(self, slot: int, loc: np.ndarray, size: np.ndarray, positions: np.ndarray, out) -> None:
+        """Samples ``out`` of ``positions`` from their records at ``loc``/``size`` in memory buffer
+        ``slot``."""
+        raise NotImplementedError
+
+    def from_files(self, positions: np.ndarray, out: np.ndarray) -> None:
+        """Samples ``out`` of ``positions`` (in file order), read directly from the shard files."""
+        raise NotImplementedError
+
+    def read_into(self, request: BatchRequest, out: np.ndarray) -> None:
+        if isinstance(request, BufferedBatch):
+            pool, reader = self.stream.pool, reader_index()
+            try:
+                for slot, a, b in runs_of(request.slots):
+                    self.from_buffer(
+                        slot, request.loc[a:b], request.size[a:b], request.positions[a:b], out[a:b]
+                    )
+            finally:
+                for slot in np.unique(request.slots).tolist():
+                    pool.done(slot, reader)
+            return
+        positions = request.positions
+        slots = self.slot[positions]
+        if bool((slots[1:] >= slots[:-1]).all()):
+            self.from_files(positions, out)
+            return
+        order = np.argsort(slots, kind="stable")
+        tmp = np.empty_like(out)
+        self.from_files(positions[order], tmp)
+        out[order] = tmp
+
+    def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
+        return ShardBatches(
+            self.shard_of,
+            self.buffer_shards,
+            batch_size,
+            shuffle,
+            drop_last,
+            seed,
+            local=self.local,
+            stream=self.stream,
+        )
+
+
+class ShardBatches(BlockShuffleBatchSampler):
+    """``BlockShuffleBatchSampler`` that reads its buffers with ``stream``: with ``memory`` buffers each batch
+    is a ``BufferedBatch`` (its records' places in the buffers); with ``mapped`` ones it is the positions (in
+    file order), which ``read_into`` reads from its own maps -- in the workers when there are workers --
+    while this asks the kernel to read the next buffer ahead."""
+
+    def __init__(self, *args, stream: BufferStream, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream = stream
+
+    def batches(self, epoch: int):
+        buffers = self.buffers_of(epoch)
+        loads = self.stream.load((self.shard_of[b], self.local[b]) for b in buffers)
+        try:
+            if self.stream.mode == "mapped":
+                yield from self._positions(buffers, loads, epoch)
+            else:
+                yield from self._records(buffers, loads, epoch)
+        finally:
+            loads.close()
+
+    def _positions(self, buffers: list, loads, epoch: int):
+        order = self.batch_order(np.concatenate(buffers) if buffers else np.empty(0, dtype=np.int64))
+        ends = np.cumsum([len(b) for b in buffers])
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        advanced = 0  # buffers handed out by ``loads`` (each one advises the kernel of the next)
+        for start in range(0, stop, self.batch_size):
+            last = min(start + self.batch_size, len(order)) - 1
+            while advanced < len(buffers) and (advanced == 0 or ends[advanced - 1] <= last):
+                next(loads)
+                advanced += 1
+            yield BatchRequest(order[start : start + self.batch_size], epoch)
+
+    def _batch(self, epoch: int, parts: list) -> BufferedBatch:
+        """A batch of ``parts`` ((buffer, positions, idx into the buffer's request) each), its samples in
+        file order when shuffled (as the mapped path's batches); each buffer it reads from is held until the
+        batch is done."""
+        positions = np.concatenate([p for _, p, _ in parts])
+        slots = np.concatenate([np.full(len(i), buf.slot, dtype=np.int64) for buf, _, i in parts])
+        loc = np.concatenate([buf.loc[i] for buf, _, i in parts])
+        size = np.concatenate([buf.size[i] for buf, _, i in parts])
+        if self.shuffle:
+            order = np.argsort(self.file_rank[positions], kind="stable")
+            positions, slots, loc, size = positions[order], slots[order], loc[order], size[order]
+        for buf in {id(buf): buf for buf, _, _ in parts}.values():
+            buf.pool.issue(buf.slot)
+        return BufferedBatch(positions, epoch, slots, loc, size)
+
+    def _records(self, buffers: list, loads, epoch: int):
+        bs = self.batch_size
+        pending: list = []  # parts of a batch begun in earlier buffers: (buffer, positions, idx), each held
+
+        def hold(part) -> None:
+            part[0].pool.issue(part[0].slot)  # a pending part keeps its buffer past the buffer's release
+            pending.append(part)
+
+        for positions, buf in zip(buffers, loads):
+            i = 0
+            if pending:
+                i = min(bs - sum(len(p) for _, p, _ in pending), len(positions))
+                hold((buf, positions[:i], np.arange(i)))
+                if sum(len(p) for _, p, _ in pending) == bs:
+                    batch = self._batch(epoch, pending)  # holds its buffers now
+                    self._unhold(pending)
+                    pending = []
+                    yield batch
+            while i + bs <= len(positions):
+                idx = np.arange(i, i + bs)
+                yield self._batch(epoch, [(buf, positions[idx], idx)])
+                i += bs
+            if i < len(positions):
+                hold((buf, positions[i:], np.arange(i, len(positions))))
+            buf.release()
+        if pending:
+            batch = None if self.drop_last else self._batch(epoch, pending)
+            self._unhold(pending)
+            if batch is not None:
+                yield batch
+
+    @staticmethod
+    def _unhold(parts: list) -> None:
+        """End the holds pending parts took on their buffers (the batch holds them now, if any)."""
+        for buf, _, _ in parts:
+            buf.pool.done(buf.slot, 0)

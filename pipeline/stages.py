@@ -1,0 +1,81 @@
+"""The stages of a job, each a plain function of the config: the ``pipeline`` command (pipeline/job.py) and
+the notebook API (pipeline/api.py) call these same functions, so one config gives one run either way.
+
+    exp = export_data(cfg)                        # export (or reuse) the samples in the storage format
+    split = split_data(cfg, exp)                  # seeded train / val ids, sizes checked
+    train_loader, val_loader = make_loaders(cfg, exp, split, device)   # threads and seeds set first
+    model = make_model(cfg, exp, train_loader.dataset)                 # transform.normalize: train figures
+    optimizer = build_optimizer(model, cfg.trainer)
+    final = fit(model, train_loader, val_loader, cfg.trainer, device=device, ...)   # pipeline.training.train
+
+The job adds what is recorded about each stage (pipeline/tracking/recorder.py), torchrun's coordination
+(rank 0 exports first) and checkpoints; nothing here logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.config.validate import check_sizes
+from pipeline.data.export import Export, export
+from pipeline.data.partition import Split, partition
+from pipeline.data.storage import get_format
+
+
+def export_data(cfg: DictConfig) -> Export:
+    """Export (or reuse) the source's samples in the configured storage format. Sources that learn their
+    size only by exporting (lfw, image folders) have their split and batch sizes checked now."""
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+    check_sizes(cfg, len(exp.labels))
+    return exp
+
+
+def split_data(cfg: DictConfig, exp: Export) -> Split:
+    """The seeded split; a format that holds its data in memory fails now, naming the sizes, rather than
+    in the kernel's OOM killer."""
+    split = partition(exp.labels, cfg.split)
+    get_format(cfg.storage.name).check_fits(exp.spec, len(split.train) + len(split.val))
+    return split
+
+
+def prepare(cfg: DictConfig) -> int:
+    """Torch's intra-op threads (``trainer.torch_threads``) and every seed (``trainer.seed``, deterministic
+    kernels): what the numbers of a run depend on besides the data. Returns the thread count in effect."""
+    from pipeline.training.seeding import seed_everything
+    from pipeline.training.threads import apply_torch_threads
+
+    threads = apply_torch_threads(cfg.trainer.torch_threads)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    return threads
+
+
+def make_loaders(cfg: DictConfig, exp: Export, split: Split, device: torch.device):
+    """(train_loader, val_loader) over the export's split; train batches augmented (``transform``)."""
+    from pipeline.training.loading import build_loader
+    from pipeline.training.transforms import FlipCrop
+
+    seed = cfg.trainer.seed
+    train = build_loader(
+        exp.dataset(split.train, cfg.storage),
+        cfg.loader,
+        seed=seed,
+        train=True,
+        device=device,
+        augment=FlipCrop.from_config(cfg.transform),
+    )
+    val = build_loader(exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device)
+    return train, val
+
+
+def normalization(cfg: DictConfig, exp: Export, train_set):
+    """``transform.normalize``: the train split's per-channel mean and std; None otherwise."""
+    from pipeline.training.transforms import train_stats
+
+    return train_stats(train_set, exp.spec) if cfg.transform.normalize else None
+
+
+def make_model(cfg: DictConfig, exp: Export, stats=None) -> torch.nn.Module:
+    from pipeline.training.models import build_model
+
+    return build_model(cfg.model, exp.spec, stats)
