@@ -29,6 +29,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline.config
 from pipeline.config.resolvers import CONF_DIR
 from pipeline.config.validate import validate
 
@@ -41,6 +42,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     elif not any(o.startswith("paths.output_dir=") for o in overrides):
         stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{time.time_ns() % 1_000_000:06d}"
         overrides.append(f"paths.output_dir=${{paths.outputs}}/notebook/{stamp}")
+    pipeline.config.register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="notebook"):
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)

@@ -15,8 +15,10 @@ import signal
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import resolvers  # importing pipeline.config registers the schemas and resolvers
+import pipeline.config
+from pipeline.config import resolvers
 
+pipeline.config.register()  # the schemas and resolvers, before Hydra composes
 CONF_DIR = str(resolvers.CONF_DIR)
 
 

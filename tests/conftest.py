@@ -68,7 +68,9 @@ def copy_store(template: Path, root: Path) -> Path:
 
 def compose_cfg(root: Path, overrides: list[str] = ()):
     """Compose conf/config.yaml like the CLI does, with paths under ``root``."""
-    import pipeline.config  # noqa: F401  registers schemas and resolvers
+    import pipeline.config
+
+    pipeline.config.register()
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(

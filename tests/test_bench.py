@@ -113,7 +113,9 @@ def test_bad_cache_state_fails_composition_naming_the_valid_ones(tmp_path):
 
 
 def compose_bench(root, overrides=()):
-    import pipeline.config.schema  # noqa: F401  registers schemas and resolvers
+    import pipeline.config
+
+    pipeline.config.register()
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(

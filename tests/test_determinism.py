@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from pipeline.config.schema import LoaderConfig
+from pipeline.data.sampling import EpochShuffle
 from pipeline.training.loading import build_loader
-from pipeline.training.seeding import EpochShuffle, capture_rng, restore_rng, set_epoch
+from pipeline.training.seeding import capture_rng, restore_rng
 from tests.run_helpers import client, histories, run_job
 
 
@@ -51,7 +52,7 @@ def test_order_is_the_same_for_any_worker_setting():
 def test_set_epoch_replays_an_epoch_order():
     loader = build_loader(Ids(50), _loader_cfg(), seed=1, train=True, device=torch.device("cpu"))
     first = _orders(loader, 3)
-    set_epoch(loader, 2)
+    loader.set_epoch(2)
     assert _orders(loader, 1)[0] == first[2]
     sampler = EpochShuffle(50, 1)
     sampler.set_epoch(1)

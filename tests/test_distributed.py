@@ -87,6 +87,7 @@ def test_drop_last_counts_what_each_rank_trained_on_also_after_resume(tmp_path):
 
 def test_rank_batches_split_every_sample_once():
     from pipeline.data.storage.batching import RandomBatchSampler
+
     from pipeline.training.distributed import RankBatches
 
     for n, bs, drop_last in [(1437, 100, False), (1437, 100, True), (10, 3, False), (4, 5, False)]:

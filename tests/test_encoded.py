@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from pipeline.data.integrity import IntegrityError, SampleReadError
+from pipeline.data.sampling import BlockShuffleBatchSampler
 from pipeline.data.sources import SampleSpec
 from pipeline.data.storage import encoded
-from pipeline.data.storage.shards import BlockShuffleBatchSampler
-from pipeline.data.storage.stream import RecordBatch
+from pipeline.data.storage.sharded import BufferedBatch
 from tests.conftest import compose_cfg
 from tests.test_codec import PSNR_FLOOR_DB, psnr
 from tests.test_shards import _batches as batches  # (positions, x, y) of one pass, via __getitems__
@@ -143,16 +143,20 @@ def test_shard_files_offsets_and_placement(tmp_path):
 
 @pytest.mark.parametrize("buffers", ["memory", "mapped"])
 def test_batches_carry_encoded_records_in_the_shards_order(tmp_path, buffers):
-    """Each batch carries its records still encoded (memory) or its positions (mapped); the order is the block
-    shuffle's of (seed, epoch); every sample once per epoch; a new order each epoch, replayed by set_epoch."""
+    """Each batch names where its encoded records lie in the buffers (memory) or only its positions (mapped);
+    the order is the block shuffle's of (seed, epoch); every sample once per epoch; a new order each epoch,
+    replayed by set_epoch."""
     ds, x, y, ids = _export(tmp_path, buffers=buffers)
     assert ds.buffers == buffers
     sampler = ds.batch_sampler(16, shuffle=True, drop_last=False, seed=3)
     plain = BlockShuffleBatchSampler(ds.shard_of, 2, 16, True, False, 3, local=ds.local)
-    raw = list(sampler)
+    raw = []
+    for b in sampler:  # a batch holds its buffer until it is read: read each before drawing the next
+        raw.append(b)
+        ds.__getitems__(b)
     if buffers == "memory":
-        assert all(isinstance(b, RecordBatch) and b.offsets is not None for b in raw)
-        assert sum(len(b.records) for b in raw) < len(ids) * x[0].nbytes  # encoded bytes, not pixels
+        assert all(isinstance(b, BufferedBatch) for b in raw)
+        assert sum(int(b.size.sum()) for b in raw) < len(ids) * x[0].nbytes  # encoded bytes, not pixels
     np.testing.assert_array_equal(np.concatenate([list(b) for b in raw]), np.concatenate(list(plain)))
     epoch1 = batches(ds, sampler)
     positions = np.concatenate([p for p, _, _ in epoch1])

@@ -18,7 +18,9 @@ NUM_SAMPLES = 800  # one torch.save file per sample: the build takes long enough
 def _configs(storage: str):
     from omegaconf import OmegaConf
 
-    from pipeline.config.schema import NpyStorageConfig, PtStorageConfig, SyntheticConfig
+    from pipeline.data.sources.synthetic import SyntheticConfig
+    from pipeline.data.storage.npy import NpyConfig as NpyStorageConfig
+    from pipeline.data.storage.pt import PtConfig as PtStorageConfig
 
     source = OmegaConf.structured(SyntheticConfig(num_samples=NUM_SAMPLES, shape=[8, 8], num_classes=5))
     fmt = PtStorageConfig() if storage == "pt" else NpyStorageConfig()

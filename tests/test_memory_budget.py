@@ -8,12 +8,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config.validate import ConfigError, validate
-from pipeline.data.storage import FORMATS
+from pipeline.data.storage import formats
 from pipeline.system.memory import MemoryBudgetExceeded
 from tests.conftest import compose_cfg, run_cli, sqlite_uri
 
 # the contiguous out-of-core format once it exists, else one file per sample
-OUT_OF_CORE = "memmap" if "memmap" in FORMATS else "npy"
+OUT_OF_CORE = "memmap" if "memmap" in formats() else "npy"
 SAMPLE_BYTES = 62 * 47 * 4
 MB = 1024 * 1024
 

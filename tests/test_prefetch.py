@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.data.storage import get_format
-from pipeline.training.loading import batching, build_loader
+from pipeline.training.loading import build_loader
 from pipeline.training.prefetch import ThreadPrefetcher
 from tests.conftest import compose_cfg
 from tests.test_storage_formats import random_data, write_format
@@ -18,7 +18,7 @@ from tests.test_storage_formats import random_data, write_format
 def _dataset(tmp_path, name="memmap"):
     x, y = random_data(np.random.default_rng(0), 200, (6, 5), "float32")
     spec, cfg = write_format(tmp_path / "e", name, x, y)
-    return get_format(name).Dataset(tmp_path / "e", spec, y, np.arange(200), cfg)
+    return get_format(name).dataset(tmp_path / "e", spec, y, np.arange(200), cfg)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -31,8 +31,10 @@ def test_prefetch_gives_the_same_batches(tmp_path, workers):
             ["storage=memmap", f"loader.thread_prefetch={depth}", f"loader.num_workers={workers}"],
         )
         loader = build_loader(ds, cfg.loader, seed=5, train=True, device=torch.device("cpu"))
-        assert isinstance(loader, ThreadPrefetcher) == (depth > 0)
-        assert batching(loader) == (64, False) and len(loader) == 4 and loader.dataset is ds
+        assert loader.prefetch == depth
+        assert (
+            (loader.batch_size, loader.drop_last) == (64, False) and len(loader) == 4 and loader.dataset is ds
+        )
         runs[depth] = [(x.clone(), y.clone()) for x, y in loader]
     assert len(runs[0]) == len(runs[3]) == 4
     for (x0, y0), (x3, y3) in zip(runs[0], runs[3]):

@@ -83,14 +83,14 @@ def test_storage_round_trip_any_shape_and_dtype(data, fmt):
     )
     module = get_format(fmt)
     with tempfile.TemporaryDirectory() as root:
-        writer = module.Writer(root, spec, None)
+        writer = module.writer(root, spec, None)
         bounds = [0, *cuts, n]
         for a, b in zip(bounds[:-1], bounds[1:]):  # arbitrary chunking
             if b > a:
                 writer.write(x[a:b], y[a:b])
         writer.close()
         ids = np.random.default_rng(n).permutation(n)
-        ds = module.Dataset(root, spec, y, ids, None)
+        ds = module.dataset(root, spec, y, ids, None)
         assert len(ds) == n
         for i, sid in enumerate(ids):
             got, label = ds[i]

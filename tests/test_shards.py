@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.storage.batching import RandomBatchSampler, shuffle_quality
-from pipeline.data.storage.shards import BlockShuffleBatchSampler, samples_per_shard
+from pipeline.data.sampling import BlockShuffleBatchSampler, RandomBatchSampler, shuffle_quality
+from pipeline.data.storage.shards import samples_per_shard
 from tests.test_storage_formats import random_data, write_format
 
 
 def epoch(sampler) -> np.ndarray:
-    return np.concatenate(list(sampler))
+    return np.concatenate([b.positions for b in sampler])
 
 
 @settings(max_examples=40, deadline=None)
@@ -302,22 +302,3 @@ def test_shards_mix_a_class_sorted_source(tmp_path):
         ]
     )
     assert distinct >= 0.9 * full, (distinct, full)
-
-
-def test_workers_with_shards_log_why_they_do_not_pay(tmp_path, caplog):
-    """Workers only copy shards' batches (the reading is the main process's thread): build_loader says so."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from pipeline.config.schema import LoaderConfig
-    from pipeline.training.loading import build_loader
-
-    ds = _export(tmp_path)[0]
-    cpu = torch.device("cpu")
-    for workers in (0, 2):
-        cfg = OmegaConf.structured(LoaderConfig(batch_size=32, num_workers=workers, pin_memory="false"))
-        with caplog.at_level("WARNING", logger="pipeline.training.loading"):
-            caplog.clear()
-            assert sum(len(y) for _, y in build_loader(ds, cfg, seed=0, train=True, device=cpu)) == len(ds)
-        hints = [r.getMessage() for r in caplog.records if "loader.num_workers=0" in r.getMessage()]
-        assert len(hints) == (1 if workers else 0), hints

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.data.sources import SampleSpec
-from pipeline.data.storage import FORMATS, get_format
+from pipeline.data.storage import formats, get_format
 from pipeline.training.loading import build_loader
 from tests.conftest import compose_cfg
 
@@ -34,7 +34,7 @@ def write_format(root, name, x, y, chunk=7, cfg=None):
     spec = SampleSpec(len(x), tuple(x.shape[1:]), str(x.dtype), int(y.max()) + 1, ())
     cfg = OmegaConf.create(cfg or STORAGE_CFG[name])
     root.mkdir(parents=True)
-    writer = get_format(name).Writer(root, spec, cfg)
+    writer = get_format(name).writer(root, spec, cfg)
     for start in range(0, len(x), chunk):
         writer.write(x[start : start + chunk], y[start : start + chunk])
     writer.close()
@@ -51,7 +51,7 @@ def random_data(rng, n, shape, dtype):
 
 
 def test_every_format_is_tested():
-    assert set(STORAGE_CFG) >= set(FORMATS)
+    assert set(STORAGE_CFG) >= set(formats())
 
 
 @pytest.mark.parametrize("name", sorted(set(STORAGE_CFG) - IMAGES_ONLY))
@@ -69,7 +69,7 @@ def test_round_trip_exact(tmp_path_factory, name, n, shape, dtype, chunk, seed):
     root = tmp_path_factory.mktemp(name) / "export"
     spec, cfg = write_format(root, name, x, y, chunk=chunk)
     ids = np.sort(rng.choice(n, size=max(1, n // 2), replace=False))
-    ds = get_format(name).Dataset(root, spec, y, ids, cfg)
+    ds = get_format(name).dataset(root, spec, y, ids, cfg)
     assert len(ds) == len(ids)
     for i, sid in enumerate(ids):
         xi, yi = ds[i]
@@ -87,7 +87,7 @@ def test_batched_equals_per_item(tmp_path_factory, name, seed, k):
     root = tmp_path_factory.mktemp(name) / "export"
     spec, cfg = write_format(root, name, x, y)
     ids = np.sort(rng.choice(53, size=40, replace=False))
-    ds = get_format(name).Dataset(root, spec, y, ids, cfg)
+    ds = get_format(name).dataset(root, spec, y, ids, cfg)
     idx = rng.choice(40, size=k, replace=bool(seed % 2))  # any order, repeats allowed
     bx, by = ds.collate_fn(ds.__getitems__(idx))
     items = [ds[int(i)] for i in idx]
@@ -106,7 +106,7 @@ def test_worker_opens_its_own_map(tmp_path, name):
     rng = np.random.default_rng(0)
     x, y = random_data(rng, 64, (5, 5), "uint8" if name in IMAGES_ONLY else "float32")
     spec, cfg = write_format(tmp_path / "export", name, x, y)
-    ds = get_format(name).Dataset(tmp_path / "export", spec, y, np.arange(64), cfg)
+    ds = get_format(name).dataset(tmp_path / "export", spec, y, np.arange(64), cfg)
     ds[0]  # the main process opens its map first
     assert ds.opened_pid == os.getpid()
     assert len(pickle.dumps(ds)) < 8_000  # paths, ids and labels; never the mapped data
@@ -137,7 +137,7 @@ def test_loader_delivers_every_train_sample_once(tmp_path, name, workers):
     x, y = random_data(rng, 100, (4, 3), "float32")
     spec, scfg = write_format(tmp_path / "export", name, x, y, cfg=STORAGE_CFG[name])
     ids = np.sort(rng.choice(100, size=70, replace=False))
-    ds = get_format(name).Dataset(tmp_path / "export", spec, y, ids, scfg)
+    ds = get_format(name).dataset(tmp_path / "export", spec, y, ids, scfg)
     loader = build_loader(ds, cfg.loader, seed=0, train=True, device=torch.device("cpu"))
     xs, ys = zip(*loader)
     got_x, got_y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
@@ -152,7 +152,7 @@ def test_memmap_writer_preallocates_and_streams(tmp_path):
     """The file has its full size before any chunk arrives; chunks land in place."""
     spec = SampleSpec(1000, (8, 8), "float32", 2, ())
     (tmp_path / "e").mkdir()
-    writer = get_format("memmap").Writer(tmp_path / "e", spec)
+    writer = get_format("memmap").writer(tmp_path / "e", spec, None)
     size = (tmp_path / "e" / "samples.npy").stat().st_size
     assert size >= 1000 * 64 * 4
     writer.write(np.ones((10, 8, 8), np.float32), np.zeros(10))

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from pipeline.data.integrity import IntegrityError
-from pipeline.data.storage import stream
-from pipeline.data.storage.stream import BufferStream, RecordFile, RowReader, npy_layout
+from pipeline.data.readers import files as files_mod
+from pipeline.data.readers import rows as rows_mod
+from pipeline.data.readers.buffers import BufferStream, MappedBuffer, rows_at
+from pipeline.data.readers.files import RecordFile, npy_layout
+from pipeline.data.readers.rows import RowReader
 
 
 def cached_fraction(path) -> float:
@@ -79,10 +82,10 @@ def test_row_reader_reads_any_rows_cold_then_through_the_map_when_warm(rows_file
     assert not reader.mapped
     np.testing.assert_array_equal(reader.read(np.arange(300)), x)  # one read, partly cached: pool again
     assert not reader.mapped
-    for _ in range(stream.MAPPED_AFTER):  # batches served wholly from the cache
+    for _ in range(rows_mod.MAPPED_AFTER):  # batches served wholly from the cache
         batch = np.sort(rng.choice(300, size=20, replace=False))
         np.testing.assert_array_equal(reader.read(batch), x[batch])
-    assert reader.mapped == (stream.RWF_NOWAIT is not None)
+    assert reader.mapped == (files_mod.RWF_NOWAIT is not None)
     np.testing.assert_array_equal(reader.read(np.arange(300)), x)  # through the map
     np.testing.assert_array_equal(reader.read([7]), x[[7]])
     assert reader.read([]).shape == (0, 5000)
@@ -90,7 +93,7 @@ def test_row_reader_reads_any_rows_cold_then_through_the_map_when_warm(rows_file
         reader.read([300])
 
 
-@pytest.mark.skipif(stream.RWF_NOWAIT is None, reason="no RWF_NOWAIT: the reader never maps")
+@pytest.mark.skipif(files_mod.RWF_NOWAIT is None, reason="no RWF_NOWAIT: the reader never maps")
 def test_row_reader_leaves_the_map_when_the_cache_loses_the_file(tmp_path):
     x = np.arange(64 * 4096, dtype=np.uint8).reshape(64, 4096)
     path = tmp_path / "rows.npy"
@@ -101,7 +104,7 @@ def test_row_reader_leaves_the_map_when_the_cache_loses_the_file(tmp_path):
         np.testing.assert_array_equal(reader.read(first), x[first])
     evict(path)
     assert cached_fraction(path) < 0.5
-    for k in range(stream.PROBE_EVERY):  # rows never read: through the map until a probe misses
+    for k in range(rows_mod.PROBE_EVERY):  # rows never read: through the map until a probe misses
         batch = np.arange(32 + 4 * k, 36 + 4 * k)
         np.testing.assert_array_equal(reader.read(batch), x[batch])
     assert not reader.mapped
@@ -143,6 +146,23 @@ def _files(tmp_path, n_files=3, count=40, variable=False):
     return files, data
 
 
+def rows_of(stream: BufferStream, buf, idx) -> np.ndarray:
+    """Fixed-size records ``idx`` of a loaded buffer, as a reader of either mode gets them."""
+    if isinstance(buf, MappedBuffer):
+        return stream.gather(buf.file_ids[idx], buf.records[idx])
+    out = np.empty((len(idx), stream.record_bytes), dtype=np.uint8)
+    rows_at(stream.pool.data[buf.slot], buf.loc[idx], stream.record_bytes, out)
+    return out
+
+
+def blobs_of(stream: BufferStream, buf, idx) -> list[bytes]:
+    """Variable-size records ``idx`` of a loaded buffer."""
+    if isinstance(buf, MappedBuffer):
+        return [stream.mapped_record(f, r).tobytes() for f, r in zip(buf.file_ids[idx], buf.records[idx])]
+    data = stream.pool.data[buf.slot]
+    return [data[a : a + n].tobytes() for a, n in zip(buf.loc[idx], buf.size[idx])]
+
+
 @pytest.mark.parametrize("mode", BufferStream.MODES)
 @pytest.mark.parametrize("variable", [False, True])
 def test_buffer_stream_gives_every_requested_record(tmp_path, mode, variable):
@@ -156,16 +176,14 @@ def test_buffer_stream_gives_every_requested_record(tmp_path, mode, variable):
         order = rng.permutation(int(keep.sum()))
         requests.append((fids[keep][order], np.tile(np.arange(40), 3)[keep][order]))
     got = 0
-    for (fids, recs), buf in zip(requests, BufferStream(files, mode=mode).load(requests)):
+    stream = BufferStream(files, mode=mode)
+    for (fids, recs), buf in zip(requests, stream.load(requests)):
         idx = rng.permutation(len(recs))
         want = [data[f][r] for f, r in zip(fids[idx], recs[idx])]
         if variable:
-            blob, offsets = buf.blobs(idx)
-            assert [blob[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])] == [
-                w.tobytes() for w in want
-            ]
+            assert blobs_of(stream, buf, idx) == [w.tobytes() for w in want]
         else:
-            np.testing.assert_array_equal(buf.rows(idx), np.stack(want))
+            np.testing.assert_array_equal(rows_of(stream, buf, idx), np.stack(want))
         buf.release()
         got += 1
     assert got == len(requests)
@@ -181,21 +199,47 @@ def test_buffer_stream_holds_at_most_two_buffers(tmp_path):
             yield np.array([k % 3]), np.array([0])
 
     loads = BufferStream(files, mode="memory").load(requests())
-    next(loads)
-    time.sleep(0.3)  # the reader reads one buffer ahead, then waits for a release
+    first = next(loads)
+    time.sleep(0.3)  # the reader reads one buffer ahead, then waits for a free one
     assert len(pulled) <= 3 and threading.active_count() >= 2
-    assert len(list(loads)) == 5  # asking for the next buffer releases the one before
+    first.release()
+    rest = []
+    for buf in loads:
+        rest.append(buf.slot)
+        buf.release()
+    assert len(rest) == 5 and set(rest) <= {0, 1}
+
+
+def test_a_buffer_stays_until_every_batch_issued_from_it_is_done(tmp_path):
+    """The consumer's release alone does not free a buffer while a batch still reads from it (in a worker,
+    say): the reader waits for that batch's ``done``, then reuses the buffer."""
+    files, data = _files(tmp_path)
+    stream = BufferStream(files, mode="memory")
+    loads = stream.load([(np.full(40, f % 3), np.arange(40)) for f in range(4)])
+    first, second = next(loads), next(loads)
+    stream.pool.issue(first.slot)  # a batch handed to a worker
+    first.release()  # the consumer is done cutting batches from it (and still holds the second)
+    time.sleep(0.3)
+    assert not stream.pool.free(first.slot)  # the third buffer waits: it may not overwrite the batch
+    np.testing.assert_array_equal(rows_of(stream, first, np.arange(40)), np.stack(data[0]))
+    stream.pool.done(first.slot, 0)  # the batch has copied its records
+    third = next(loads)
+    assert third.slot == first.slot and second.slot != first.slot
+    np.testing.assert_array_equal(rows_of(stream, third, np.arange(40)), np.stack(data[2]))
+    loads.close()
 
 
 def test_memory_buffers_drop_pages_behind_mapped_ones_keep_them(tmp_path):
     files, data = _files(tmp_path, n_files=2, count=400)  # 1.2 MB per file
     whole = [(np.full(400, f), np.arange(400)) for f in range(2)]
-    for f, buf in enumerate(BufferStream(files, mode="memory").load(whole)):
-        np.testing.assert_array_equal(buf.rows(np.arange(400)), np.stack(data[f]))
+    stream = BufferStream(files, mode="memory")
+    for f, buf in enumerate(stream.load(whole)):
+        np.testing.assert_array_equal(rows_of(stream, buf, np.arange(400)), np.stack(data[f]))
         buf.release()
     assert max(cached_fraction(f.path) for f in files) < 0.1  # read, copied, dropped
-    for buf in BufferStream(files, mode="mapped").load(whole):
-        buf.rows(np.arange(400))
+    stream = BufferStream(files, mode="mapped")
+    for buf in stream.load(whole):
+        rows_of(stream, buf, np.arange(400))
         buf.release()
     assert min(cached_fraction(f.path) for f in files) > 0.9  # read through the cache, left there
 
@@ -205,14 +249,14 @@ def test_buffer_stream_names_a_file_truncated_after_it_was_checked(tmp_path, mod
     files, _ = _files(tmp_path)
     os.truncate(files[1].path, files[1].offset + 10 * 3000)
     with pytest.raises(IntegrityError, match=f"{files[1].path}.*truncated"):
-        for buf in BufferStream(files, mode=mode).load([(np.full(40, f), np.arange(40)) for f in range(3)]):
-            buf.rows(np.arange(40))
+        stream = BufferStream(files, mode=mode)
+        for buf in stream.load([(np.full(40, f), np.arange(40)) for f in range(3)]):
+            rows_of(stream, buf, np.arange(40))
             buf.release()
 
 
 def test_memmap_read_ahead_asks_for_each_batch_before_it_is_read_and_only_for_its_rank():
-    from pipeline.data.storage.batching import RandomBatchSampler
-    from pipeline.data.storage.memmap import ReadAhead
+    from pipeline.data.sampling import RandomBatchSampler, ReadAhead
 
     asked, events = [], []
     inner = RandomBatchSampler(100, 8, True, False, seed=1)
@@ -224,11 +268,12 @@ def test_memmap_read_ahead_asks_for_each_batch_before_it_is_read_and_only_for_it
         events.append(("read", len(got) - 1))
     inner.set_epoch(3)
     want = list(inner)
-    assert len(got) == len(want) == len(sampler) and all((g == w).all() for g, w in zip(got, want))
-    assert all((a == w).all() for a, w in zip(asked, want))  # every batch asked for, in order
+    assert len(got) == len(want) == len(sampler)
+    assert all((g.positions == w.positions).all() and g.epoch == w.epoch == 3 for g, w in zip(got, want))
+    assert all((a == w.positions).all() for a, w in zip(asked, want))  # every batch asked for, in order
     for k in range(len(want)):  # batch k was asked for AHEAD batches before it was read
         assert events.index(("ask", min(k + ReadAhead.AHEAD, len(want) - 1))) < events.index(("read", k))
     asked.clear()
     mine = list(sampler.for_rank(1, 3))
     assert len(asked) == len(mine) == len(sampler.for_rank(1, 3))  # a rank asks only for its own batches
-    assert all((a == m).all() for a, m in zip(asked, mine))
+    assert all((a == m.positions).all() for a, m in zip(asked, mine))

@@ -15,7 +15,6 @@ from pipeline.config.validate import ConfigError, validate
 from pipeline.data.export import export
 from pipeline.training.loading import build_loader
 from pipeline.training.models import Input
-from pipeline.training.seeding import set_epoch
 from pipeline.training.transforms import FlipCrop, flip_crop, train_stats
 from tests.conftest import compose_cfg
 
@@ -104,7 +103,7 @@ def test_batches_are_augmented_alike_with_0_or_2_workers_and_thread_prefetch():
     for kw in (dict(num_workers=2), dict(thread_prefetch=2), dict(num_workers=2, persistent_workers=True)):
         assert _same(_epochs(loader(**kw), 3), ref), kw
     replay = loader()
-    set_epoch(replay, 2)
+    replay.set_epoch(2)
     assert _same(_epochs(replay, 1), ref[2:])
     val = build_loader(
         Images(),

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.config.validate import ConfigError, validate
 from pipeline.data import quantize
 from pipeline.data.export import export, fingerprint
-from pipeline.data.storage import FORMATS
+from pipeline.data.storage import formats
 from pipeline.training.models import Input
 from tests.conftest import compose_cfg
 from tests.run_helpers import histories, run_job
@@ -123,7 +123,7 @@ def test_default_dtype_keeps_existing_export_names():
     )
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(formats()))
 def test_uint8_export_reads_back_float_storages_values(tmp_path, name):
     """Digits (k/16) stored as float32 and as uint8: the model's input is the same, bit for bit. ``encoded``
     stores uint8 only: against float32 ``npy``."""

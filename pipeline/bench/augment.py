@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.config.schema import LoaderConfig, MemmapStorageConfig, SyntheticConfig
+from pipeline.config.schema import LoaderConfig
 from pipeline.data.export import export
+from pipeline.data.sources.synthetic import SyntheticConfig
+from pipeline.data.storage.memmap import MemmapConfig as MemmapStorageConfig
 from pipeline.training.loading import build_loader
 from pipeline.training.transforms import FlipCrop
 

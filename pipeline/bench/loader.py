@@ -51,6 +51,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline.config
 from pipeline import progress
 from pipeline.bench.conditions import Passes
 from pipeline.config.resolvers import CONF_DIR
@@ -58,9 +59,9 @@ from pipeline.config.schema import MLPConfig, TrainerConfig, register_bench
 from pipeline.config.validate import ConfigError, _check, _is_int, validate
 from pipeline.data.export import export
 from pipeline.data.partition import partition
+from pipeline.data.sampling import RandomBatchSampler, shuffle_quality
 from pipeline.data.sources import build_source
-from pipeline.data.storage import FORMATS
-from pipeline.data.storage.batching import RandomBatchSampler, shuffle_quality
+from pipeline.data.storage import formats
 from pipeline.system.disk import DiskRead, largest_file, sequential_read
 from pipeline.system.memory import MemorySampler
 from pipeline.tracking.lineage import git_info
@@ -108,7 +109,7 @@ def validate_bench(cfg: DictConfig) -> None:
     validate(full)
     b = cfg.bench
     for name in b.storages:
-        _check(name in FORMATS, "bench.storages", list(b.storages), f"names from {sorted(FORMATS)}")
+        _check(name in formats(), "bench.storages", list(b.storages), f"names from {sorted(formats())}")
     for key, minimum in (("num_workers", 0), ("batch_sizes", 1), ("thread_prefetch", 0)):
         vals = list(b[key])
         _check(
@@ -150,7 +151,8 @@ class RamGather:
 
     def __iter__(self):
         x, y = self.x, self.y
-        for idx in self.batch_sampler:
+        for request in self.batch_sampler:
+            idx = request.positions
             yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
 
 
@@ -214,10 +216,8 @@ def measure_disk(exports: list) -> DiskRead:
 
 
 def epoch_order(loader, seed: int) -> np.ndarray:
-    sampler = loader.batch_sampler
-    if hasattr(sampler, "epoch_order"):
-        return sampler.epoch_order(seed)
-    return np.fromiter(iter(loader.sampler), dtype=np.int64)
+    """Epoch 0's positions in batch order (the sampler's ``order``: nothing is read)."""
+    return loader.sampler.order(0)
 
 
 def ram_train_set(source_cfg, train_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -436,6 +436,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 register_bench()  # conf/bench.yaml extends base_bench
+pipeline.config.register()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")

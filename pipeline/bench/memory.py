@@ -222,7 +222,9 @@ def compare_free(out: Path, n: int, repeats: int) -> None:
 
 
 def main(argv=None) -> None:
-    from pipeline.data.storage import FORMATS
+    from pipeline.data.storage import formats
+
+    FORMATS = formats()
 
     p = argparse.ArgumentParser(prog="python -m pipeline.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])

@@ -41,9 +41,12 @@ def _exports(args):
     """(memmap export, shards export, pt export or None) for the benchmark's data."""
     from omegaconf import OmegaConf
 
-    import pipeline.config  # noqa: F401  registers the schemas
-    from pipeline.config.schema import ShardsStorageConfig, SyntheticConfig
+    import pipeline.config
+
+    pipeline.config.register()
     from pipeline.data.export import export
+    from pipeline.data.sources.synthetic import SyntheticConfig
+    from pipeline.data.storage.shards import ShardsConfig as ShardsStorageConfig
 
     source = OmegaConf.structured(
         SyntheticConfig(num_samples=args.samples, shape=[62, 47], num_classes=args.classes)
@@ -65,7 +68,7 @@ class PlainMemmap:
     def __init__(self, root: Path, labels, ids) -> None:
         import numpy as np
 
-        from pipeline.data.storage.batching import passthrough_collate
+        from pipeline.data.storage.base import passthrough_collate
 
         self.collate_fn = passthrough_collate
         self.path, self.ids, self.labels = (
@@ -88,7 +91,7 @@ class PlainMemmap:
         return torch.from_numpy(self.array[self.ids[idx]]), torch.from_numpy(self.labels[idx])
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
-        from pipeline.data.storage.batching import RandomBatchSampler
+        from pipeline.data.sampling import RandomBatchSampler
 
         return RandomBatchSampler(len(self), batch_size, shuffle, drop_last, seed)
 

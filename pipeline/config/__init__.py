@@ -1,10 +1,23 @@
-"""Configuration: schemas with every default (schema.py), resolvers (resolvers.py), and the checks that
-composition cannot express (validate.py).
+"""Configuration: schemas with every default (schema.py), constraints on values (checks.py), resolvers
+(resolvers.py), and the checks that composition cannot express (validate.py).
 
-    import pipeline.config   # registers the schemas (base_*) and the resolvers with Hydra
+    import pipeline.config
+    pipeline.config.register()   # the resolvers, and the schemas (base_*) in Hydra's ConfigStore
+
+``register`` runs once per process, before Hydra composes (the CLI and the notebook API call it). It is not
+done on import: registering imports every source and storage format module (their schemas live there), and
+those modules import the schema bases from this package.
 """
 
-from pipeline.config import resolvers, schema
+_REGISTERED = False
 
-resolvers.register()
-schema.register_configs()
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from pipeline.config import resolvers, schema
+
+    resolvers.register()
+    schema.register_configs()
+    _REGISTERED = True

@@ -1,6 +1,6 @@
 """OmegaConf resolvers the configs use: ``${project_root:}`` and ``${run_stamp:}``.
 
-import pipeline.config   # registers them (and the schemas)
+pipeline.config.register()   # registers them (and the schemas)
 """
 
 from __future__ import annotations

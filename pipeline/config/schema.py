@@ -1,7 +1,7 @@
 """Config schemas: every default is written here or in the module of the option it configures, once; conf/
 YAML options hold only what differs.
 
-    import pipeline.config   # registers these dataclasses in Hydra's ConfigStore as base_*
+    pipeline.config.register()   # registers these dataclasses in Hydra's ConfigStore as base_*
 
 The groups' options extend a base: ``SourceConfig`` (each source module's own dataclass, e.g.
 ``pipeline.data.sources.synthetic.SyntheticConfig``), ``StorageConfig`` (each storage format's, e.g.

@@ -65,7 +65,7 @@ def check_sizes(cfg: DictConfig, n: int | None = None) -> None:
     """Split and batch sizes against the sample count ``n``; by default the count a source knows from
     its config alone (digits, synthetic). Sources that learn it only by exporting (lfw, image folders)
     are checked again with the real count once exported (pipeline/stages.py)."""
-    from pipeline.data.partition import SplitError, train_size
+    from pipeline.data.partition import size_problem
     from pipeline.data.sources import get_source
 
     if n is None:
@@ -73,10 +73,9 @@ def check_sizes(cfg: DictConfig, n: int | None = None) -> None:
     if n is None:
         return
     ratio, bs = cfg.split.ratio, cfg.loader.batch_size
-    try:
-        n_train = train_size(n, ratio)
-    except SplitError as err:
-        raise ConfigError("split.ratio", ratio, f"{err} (source={cfg.source.name})") from None
+    why = size_problem(n, ratio, of=f" of source={cfg.source.name}")
+    require(why is None, "split.ratio", ratio, str(why))
+    n_train = int(n * ratio)
     require(
         not cfg.loader.drop_last or bs <= n_train,
         "loader.batch_size",

@@ -113,8 +113,7 @@ def fingerprint(source_cfg, storage_cfg, identity: dict | None = None) -> str:
     identity = identity if identity is not None else format_identity(storage_cfg)
     if identity is not None:  # e.g. encoded's codec and decoder version
         payload["format_identity"] = identity
-    plain_source = _plain(source_cfg)
-    identity = get_source(plain_source["name"]).identity(plain_source)  # e.g. an image folder's files
+    identity = get_source(_plain(source_cfg)["name"]).identity(source_cfg)  # e.g. an image folder's files
     if identity is not None:
         payload["source_identity"] = identity
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

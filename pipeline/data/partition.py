@@ -41,14 +41,23 @@ class Split:
         return h.hexdigest()[:16]
 
 
-def train_size(n: int, ratio: float) -> int:
+def size_problem(n: int, ratio: float, of: str = "") -> str | None:
+    """Why ``ratio`` of ``n`` samples leaves a part empty (``of``: whose samples, for messages), or None."""
     n_train = int(n * ratio)
-    if not 0 < n_train < n:
-        raise SplitError(
-            f"split.ratio={ratio} leaves {'train' if n_train == 0 else 'val'} empty for {n} "
-            f"samples (train would hold {n_train}); pick a ratio with 1 <= int({n} * ratio) <= {n - 1}"
-        )
-    return n_train
+    if 0 < n_train < n:
+        return None
+    return (
+        f"leaves {'train' if n_train == 0 else 'val'} empty for the {n} samples{of} "
+        f"(train would hold int({n} * {ratio}) = {n_train}); valid: 1 <= int({n} * ratio) <= {n - 1}"
+    )
+
+
+def train_size(n: int, ratio: float) -> int:
+    """The train part's size: ``int(n * ratio)``, checked to leave neither part empty."""
+    why = size_problem(n, ratio)
+    if why is not None:
+        raise SplitError(f"split.ratio={ratio} {why}")
+    return int(n * ratio)
 
 
 def partition(labels: np.ndarray, cfg) -> Split:

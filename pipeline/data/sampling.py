@@ -94,6 +94,12 @@ class EpochBatchSampler:
         """Epoch ``epoch``'s batches (a function of seed and epoch only)."""
         raise NotImplementedError
 
+    def order(self, epoch: int) -> np.ndarray:
+        """Every position of epoch ``epoch`` in the order its batches hold them (a sampler that reads while
+        it yields overrides this to read nothing)."""
+        parts = [b.positions for b in self.batches(epoch)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -184,6 +190,9 @@ class ReadAhead(EpochBatchSampler):
 
     def for_rank(self, rank: int, world: int) -> ReadAhead:
         return ReadAhead(self.inner.for_rank(rank, world), self.advise)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return self.inner.order(epoch)  # without advising the kernel of every batch
 
     def batches(self, epoch: int) -> Iterator[BatchRequest]:
         window: deque = deque()
@@ -318,18 +327,19 @@ class EpochShuffle:
     def __len__(self) -> int:
         return self.num_samples
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's positions of epoch ``epoch``, in order."""
         if not self.shuffle:
-            return list(range(self.rank, self.n, self.world))
+            return np.arange(self.rank, self.n, self.world, dtype=np.int64)
         import torch  # the permutation the project has always drawn (torch's randperm)
 
         generator = torch.Generator()
         generator.manual_seed(derive_seed(self.seed, "shuffle", epoch))
-        return torch.randperm(self.n, generator=generator).tolist()[self.rank :: self.world]
+        return torch.randperm(self.n, generator=generator).numpy()[self.rank :: self.world]
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1  # runs at the first next(), not at iter()
-        yield from self.order(epoch)
+        yield from self.order(epoch).tolist()
 
 
 def shuffle_quality(order: np.ndarray) -> float:

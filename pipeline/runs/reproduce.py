@@ -67,7 +67,9 @@ def rerun_overrides(original: list[str], extra: list[str]) -> list[str]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import pipeline.config.schema  # noqa: F401  registers schemas and resolvers
+    import pipeline.config
+
+    pipeline.config.register()
 
     with initialize_config_dir(config_dir=str(REPO_CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -121,16 +121,21 @@ class BufferPool:
                 self.cond.wait(0.002)
         return None
 
-    def rows_into(self, slot: int, loc: np.ndarray, record_bytes: int, out: np.ndarray) -> None:
-        """Fixed-size records at byte offsets ``loc`` of buffer ``slot`` into ``out`` (k records; any shape
-        of k x record_bytes bytes)."""
-        data = self.data[slot]
-        table = data[: len(data) // record_bytes * record_bytes].reshape(-1, record_bytes)
-        np.take(table, np.asarray(loc, dtype=np.int64) // record_bytes, axis=0, out=out.reshape(len(loc), -1))
 
-    def record(self, slot: int, loc: int, size: int) -> np.ndarray:
-        """One variable-size record of buffer ``slot`` (a view: valid until the batch is ``done``)."""
-        return self.data[slot][loc : loc + size]
+def rows_at(data: np.ndarray, loc: np.ndarray, record_bytes: int, out: np.ndarray) -> None:
+    """Fixed-size records at byte offsets ``loc`` of ``data`` (a buffer) into ``out`` (k records; any shape
+    of k x record_bytes bytes)."""
+    table = data[: len(data) // record_bytes * record_bytes].reshape(-1, record_bytes)
+    np.take(table, np.asarray(loc, dtype=np.int64) // record_bytes, axis=0, out=out.reshape(len(loc), -1))
+
+
+def copy_records(data: np.ndarray, loc: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Records at ``loc``/``size`` of ``data`` copied into one new array, and their offsets in it."""
+    at = np.concatenate(([0], np.cumsum(size)[:-1])).astype(np.int64) if len(size) else np.empty(0, np.int64)
+    out = np.empty(int(np.sum(size)), dtype=np.uint8)
+    for a, n, b in zip(loc.tolist(), size.tolist(), at.tolist()):
+        out[b : b + n] = data[a : a + n]
+    return out, at
 
 
 class Buffer:

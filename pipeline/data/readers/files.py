@@ -123,13 +123,3 @@ def runs_of(file_ids: np.ndarray) -> list[tuple[int, int, int]]:
         return []
     bounds = [0, *(np.flatnonzero(file_ids[1:] != file_ids[:-1]) + 1).tolist(), len(file_ids)]
     return [(int(file_ids[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def concat(parts: list) -> tuple[np.ndarray, np.ndarray]:
-    """(array, start, length) pieces concatenated, with their ``len + 1`` offsets."""
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([n for _, _, n in parts], out=offsets[1:])
-    out = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for k, (data, a, n) in enumerate(parts):
-        out[offsets[k] : offsets[k] + n] = data[a : a + n]
-    return out, offsets

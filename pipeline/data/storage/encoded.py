@@ -282,10 +282,9 @@ class Dataset(ShardedDataset):
         except CodecError as err:
             raise self._damaged(position, err) from err
 
-    def from_buffer(self, slot: int, loc: np.ndarray, size: np.ndarray, positions, out: np.ndarray) -> None:
-        pool = self.stream.pool
+    def from_buffer(self, data: np.ndarray, loc: np.ndarray, size: np.ndarray, positions, out) -> None:
         for j, (a, n) in enumerate(zip(loc.tolist(), size.tolist())):
-            self._decode(pool.record(slot, a, n), int(positions[j]), out[j])
+            self._decode(data[a : a + n], int(positions[j]), out[j])
 
     def from_files(self, positions: np.ndarray, out: np.ndarray) -> None:
         """Through the stream's memory maps: per-item use, plots, the mapped buffers' batches."""

@@ -3,7 +3,7 @@ sequential buffers with a block shuffle, each batch gathered straight from the b
 
     class Dataset(ShardedDataset):         # a format's Dataset: checks its files, then
         self.place(files, order, labels, ids, cfg)
-        def from_buffer(self, slot, loc, size, out): ...   # records of buffer ``slot`` into samples
+        def from_buffer(self, data, loc, size, positions, out): ...   # records of a buffer into samples
         def from_files(self, positions, out): ...          # records read directly (positions in file order)
 
 **Placement.** The export places samples in the shard files in a random permutation seeded by
@@ -43,7 +43,7 @@ import numpy as np
 
 from pipeline.config.schema import Choice
 from pipeline.data.integrity import IntegrityError
-from pipeline.data.readers.buffers import BufferPool, BufferStream
+from pipeline.data.readers.buffers import BufferPool, BufferStream, copy_records
 from pipeline.data.readers.files import RecordFile, runs_of
 from pipeline.data.sampling import BatchRequest, BlockShuffleBatchSampler
 from pipeline.data.storage.base import BatchedDataset
@@ -158,20 +158,26 @@ def reader_index() -> int:
     return 0 if info is None else int(info.id) + 1
 
 
+INLINE = -1  # a BufferedBatch sample whose record the batch carries itself
+
+
 class BufferedBatch(BatchRequest):
     """A batch whose records lie in memory buffers: per sample, the buffer (``slots``) and the byte range of
-    its record there (``loc``, ``size``)."""
+    its record there (``loc``, ``size``). A batch that straddles buffers carries the records of its samples
+    from the buffers before the last one itself (``inline``; their slot is ``INLINE``), so that no batch
+    holds more than one buffer and two buffers always suffice."""
 
-    __slots__ = ("slots", "loc", "size")
+    __slots__ = ("slots", "loc", "size", "inline")
 
-    def __init__(self, positions, epoch: int, slots, loc, size) -> None:
+    def __init__(self, positions, epoch: int, slots, loc, size, inline=None) -> None:
         super().__init__(positions, epoch)
         self.slots = np.asarray(slots, dtype=np.int64)
         self.loc = np.asarray(loc, dtype=np.int64)
         self.size = np.asarray(size, dtype=np.int64)
+        self.inline = inline
 
     def __reduce__(self):  # __slots__ classes pickle through this (to DataLoader workers)
-        return (BufferedBatch, (self.positions, self.epoch, self.slots, self.loc, self.size))
+        return (BufferedBatch, (self.positions, self.epoch, self.slots, self.loc, self.size, self.inline))
 
 
 class ShardedDataset(BatchedDataset):
@@ -230,9 +236,11 @@ class ShardedDataset(BatchedDataset):
         """Which process opened the files for direct reads (each DataLoader worker opens its own)."""
         return self.stream.opened_pid
 
-    def from_buffer(self, slot: int, loc: np.ndarray, size: np.ndarray, positions: np.ndarray, out) -> None:
-        """Samples ``out`` of ``positions`` from their records at ``loc``/``size`` in memory buffer
-        ``slot``."""
+    def from_buffer(
+        self, data: np.ndarray, loc: np.ndarray, size: np.ndarray, positions: np.ndarray, out
+    ) -> None:
+        """Samples ``out`` of ``positions`` from their records at ``loc``/``size`` of ``data`` (a memory
+        buffer, or a batch's own records)."""
         raise NotImplementedError
 
     def from_files(self, positions: np.ndarray, out: np.ndarray) -> None:
@@ -244,12 +252,14 @@ class ShardedDataset(BatchedDataset):
             pool, reader = self.stream.pool, reader_index()
             try:
                 for slot, a, b in runs_of(request.slots):
+                    data = request.inline if slot == INLINE else pool.data[slot]
                     self.from_buffer(
-                        slot, request.loc[a:b], request.size[a:b], request.positions[a:b], out[a:b]
+                        data, request.loc[a:b], request.size[a:b], request.positions[a:b], out[a:b]
                     )
             finally:
                 for slot in np.unique(request.slots).tolist():
-                    pool.done(slot, reader)
+                    if slot != INLINE:
+                        pool.done(slot, reader)
             return
         positions = request.positions
         slots = self.slot[positions]
@@ -284,6 +294,10 @@ class ShardBatches(BlockShuffleBatchSampler):
         super().__init__(*args, **kwargs)
         self.stream = stream
 
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's positions in batch order, computed (``batches`` reads the buffers)."""
+        return self.batch_order(self.epoch_order(self.shuffle_seed(epoch) if self.shuffle else None))
+
     def batches(self, epoch: int):
         buffers = self.buffers_of(epoch)
         loads = self.stream.load((self.shard_of[b], self.local[b]) for b in buffers)
@@ -307,54 +321,64 @@ class ShardBatches(BlockShuffleBatchSampler):
                 advanced += 1
             yield BatchRequest(order[start : start + self.batch_size], epoch)
 
-    def _batch(self, epoch: int, parts: list) -> BufferedBatch:
-        """A batch of ``parts`` ((buffer, positions, idx into the buffer's request) each), its samples in
-        file order when shuffled (as the mapped path's batches); each buffer it reads from is held until the
-        batch is done."""
-        positions = np.concatenate([p for _, p, _ in parts])
-        slots = np.concatenate([np.full(len(i), buf.slot, dtype=np.int64) for buf, _, i in parts])
-        loc = np.concatenate([buf.loc[i] for buf, _, i in parts])
-        size = np.concatenate([buf.size[i] for buf, _, i in parts])
+    def _batch(self, epoch: int, buf, positions, idx, carried=None) -> BufferedBatch:
+        """A batch of ``positions`` whose records are request items ``idx`` of ``buf``, after ``carried``
+        (positions, records, loc, size) taken from earlier buffers; its samples in file order when shuffled
+        (as the mapped path's batches). It holds ``buf`` until it is done."""
+        slots = np.full(len(idx), buf.slot, dtype=np.int64)
+        loc, size, inline = buf.loc[idx], buf.size[idx], None
+        if carried is not None:
+            c_pos, inline, c_loc, c_size = carried
+            positions = np.concatenate([c_pos, positions])
+            slots = np.concatenate([np.full(len(c_pos), INLINE, dtype=np.int64), slots])
+            loc, size = np.concatenate([c_loc, loc]), np.concatenate([c_size, size])
         if self.shuffle:
             order = np.argsort(self.file_rank[positions], kind="stable")
             positions, slots, loc, size = positions[order], slots[order], loc[order], size[order]
-        for buf in {id(buf): buf for buf, _, _ in parts}.values():
-            buf.pool.issue(buf.slot)
-        return BufferedBatch(positions, epoch, slots, loc, size)
+        buf.pool.issue(buf.slot)
+        return BufferedBatch(positions, epoch, slots, loc, size, inline)
+
+    @staticmethod
+    def _carry(buf, positions, idx, carried=None):
+        """Request items ``idx`` of ``buf`` copied out, after ``carried``: a batch begun in one buffer and
+        finished in a later one carries these records itself, so it never holds two buffers."""
+        data, at = copy_records(buf.pool.data[buf.slot], buf.loc[idx], buf.size[idx])
+        size = buf.size[idx]
+        if carried is None:
+            return positions, data, at, size
+        c_pos, c_data, c_at, c_size = carried
+        return (
+            np.concatenate([c_pos, positions]),
+            np.concatenate([c_data, data]),
+            np.concatenate([c_at, at + len(c_data)]),
+            np.concatenate([c_size, size]),
+        )
 
     def _records(self, buffers: list, loads, epoch: int):
         bs = self.batch_size
-        pending: list = []  # parts of a batch begun in earlier buffers: (buffer, positions, idx), each held
-
-        def hold(part) -> None:
-            part[0].pool.issue(part[0].slot)  # a pending part keeps its buffer past the buffer's release
-            pending.append(part)
-
+        carried = None  # a batch begun in earlier buffers: (positions, records, loc, size)
         for positions, buf in zip(buffers, loads):
             i = 0
-            if pending:
-                i = min(bs - sum(len(p) for _, p, _ in pending), len(positions))
-                hold((buf, positions[:i], np.arange(i)))
-                if sum(len(p) for _, p, _ in pending) == bs:
-                    batch = self._batch(epoch, pending)  # holds its buffers now
-                    self._unhold(pending)
-                    pending = []
-                    yield batch
+            if carried is not None:
+                i = min(bs - len(carried[0]), len(positions))
+                if len(carried[0]) + i == bs:
+                    idx = np.arange(i)
+                    yield self._batch(epoch, buf, positions[idx], idx, carried)
+                    carried = None
+                else:  # this whole buffer is too short to finish it (tiny buffers)
+                    carried = self._carry(buf, positions, np.arange(len(positions)), carried)
             while i + bs <= len(positions):
                 idx = np.arange(i, i + bs)
-                yield self._batch(epoch, [(buf, positions[idx], idx)])
+                yield self._batch(epoch, buf, positions[idx], idx)
                 i += bs
-            if i < len(positions):
-                hold((buf, positions[i:], np.arange(i, len(positions))))
+            if carried is None and i < len(positions):
+                idx = np.arange(i, len(positions))
+                carried = self._carry(buf, positions[idx], idx)
             buf.release()
-        if pending:
-            batch = None if self.drop_last else self._batch(epoch, pending)
-            self._unhold(pending)
-            if batch is not None:
-                yield batch
-
-    @staticmethod
-    def _unhold(parts: list) -> None:
-        """End the holds pending parts took on their buffers (the batch holds them now, if any)."""
-        for buf, _, _ in parts:
-            buf.pool.done(buf.slot, 0)
+        if carried is not None and not self.drop_last:
+            c_pos, data, at, size = carried
+            slots = np.full(len(c_pos), INLINE, dtype=np.int64)
+            if self.shuffle:
+                order = np.argsort(self.file_rank[c_pos], kind="stable")
+                c_pos, at, size = c_pos[order], at[order], size[order]
+            yield BufferedBatch(c_pos, epoch, slots, at, size, data)

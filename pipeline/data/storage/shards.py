@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.config.checks import at_least, number
 from pipeline.config.schema import StorageConfig
 from pipeline.data.integrity import IntegrityError
+from pipeline.data.readers.buffers import rows_at
 from pipeline.data.readers.files import RecordFile, npy_layout, runs_of
 from pipeline.data.readers.rows import RowReader
 from pipeline.data.storage.base import StorageFormat
@@ -183,8 +184,8 @@ class Dataset(ShardedDataset):
             reader = self._readers[s] = RowReader(f.path, f.offset, self.row_bytes, f.count, threads=8)
         return reader
 
-    def from_buffer(self, slot: int, loc: np.ndarray, size: np.ndarray, positions, out: np.ndarray) -> None:
-        self.stream.pool.rows_into(slot, loc, self.row_bytes, out.view(np.uint8))
+    def from_buffer(self, data: np.ndarray, loc: np.ndarray, size: np.ndarray, positions, out) -> None:
+        rows_at(data, loc, self.row_bytes, out.view(np.uint8))
 
     def from_files(self, positions: np.ndarray, out: np.ndarray) -> None:
         """Through the stream's memory maps with ``buffers=mapped``, else with ``RowReader``s (no
