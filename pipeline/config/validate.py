@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.metrics import OBJECTIVES  # metrics logged every epoch that have a direction
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is valid."""
@@ -26,15 +28,6 @@ class ConfigError(ValueError):
 
 
 TRISTATE = ("auto", "true", "false")
-OBJECTIVES = (
-    "val/accuracy",
-    "val/loss",
-    "train/accuracy",
-    "train/loss",
-    "perf/train_samples_per_s",
-    "perf/epoch_seconds",
-    "perf/data_wait_fraction",
-)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
