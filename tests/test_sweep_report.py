@@ -1,4 +1,5 @@
-"""The sweep report's table, ranking and plots from given rows; torch threads per job; sweep config."""
+"""The sweep report's table, ranking and plots from given rows and from a real MLflow SQLite store (the
+ranking direction and the labels come from pipeline/metrics.py); torch threads per job; sweep config."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.config.validate import ConfigError, validate
+from pipeline.tracking.sweep import SweepCallback
 from pipeline.tracking.sweep_report import (
     CSV_NAME,
     MD_NAME,
@@ -17,13 +19,14 @@ from pipeline.tracking.sweep_report import (
     THROUGHPUT_PNG,
     WORKERS_PNG,
     Row,
-    lower_is_better,
+    build_report,
     make_report,
     parse_overrides,
+    publish_report,
     write_report,
 )
 from pipeline.training.threads import apply_torch_threads, auto_threads
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.conftest import CONF_DIR, compose_cfg, sqlite_uri
 
 
 def _row(run_id, bs, nw, storage, sps, status="FINISHED", peak=300.0):
@@ -71,10 +74,104 @@ def test_report_ranks_finished_runs_and_shows_only_swept_keys():
 
 
 def test_report_ranks_time_and_memory_lowest_first():
-    assert lower_is_better("perf/epoch_seconds") and lower_is_better("memory/peak_used_mb")
-    assert not lower_is_better("val/accuracy") and not lower_is_better("perf/train_samples_per_s")
     assert make_report("p", _rows(), "memory/peak_used_mb").best.run_id in ("a", "b")
     assert make_report("p", _rows(), "perf/epoch_seconds").best.run_id == "b"
+    assert make_report("p", _rows(), "val/accuracy").best_line().startswith("Best by val/accuracy (highest)")
+
+
+def _io_rows():
+    """Three finished runs whose read amplification and data wait are both lowest in run "lean"."""
+    figures = {"lean": (1.02, 0.05, 900.0), "mid": (1.9, 0.30, 1500.0), "wasteful": (7.5, 0.60, 1200.0)}
+    rows = []
+    for i, (name, (amp, wait, sps)) in enumerate(figures.items()):
+        row = _row(name, str(32 * 2**i), "0", "shards", sps)
+        row.metrics.update({"io/read_amplification": amp, "perf/data_wait_fraction": wait})
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("metric", ["io/read_amplification", "perf/data_wait_fraction"])
+def test_read_amplification_and_data_wait_rank_lowest_first(metric):
+    """Both hold words the old name-based guess missed or mixed up ("amplification" is no time, loss or
+    memory); the registry says lower is better."""
+    report = make_report("p", _io_rows(), metric)
+    assert [r.run_id for r in report.rows] == ["lean", "mid", "wasteful"]
+    assert report.best.run_id == "lean"
+    assert report.best_line().startswith(f"Best by {metric} (lowest): ")
+    assert report.description().startswith(f"**Best** (lowest `{metric}`): **run-lean** = ")
+    # the metric ranked by is a column of the table (added when not a default one), with its label
+    label = {"io/read_amplification": "read amp", "perf/data_wait_fraction": "data wait"}[metric]
+    assert report.header().count(label) == 1
+    # the fastest run (mid) is not the best by these
+    assert make_report("p", _io_rows(), "perf/train_samples_per_s").best.run_id == "mid"
+
+
+def test_table_prints_each_metric_in_the_registry_format():
+    report = make_report("p", _io_rows()[:1], "io/read_amplification")
+    cells = dict(zip(report.header(), report.records()[0]))
+    assert cells["samples/s"] == "900" and cells["data wait"] == "5%" and cells["val acc"] == "0.900"
+    assert cells["epoch s"] == "1.111" and cells["peak MB"] == "300" and cells["read amp"] == "1.02"
+
+
+@pytest.mark.parametrize(
+    "rank_by, message",
+    [
+        ("io/read_amp", "did you mean io/read_mb or io/read_amplification?"),
+        ("amplification", "unknown metric 'amplification'"),
+        ("train/samples_seen", "has no direction"),
+        ("io/read_mb_per_s", "has no direction"),
+    ],
+)
+def test_report_refuses_a_metric_it_cannot_rank_by_naming_valid_ones(rank_by, message):
+    with pytest.raises(ValueError) as err:
+        make_report("p", _rows(), rank_by)
+    assert message in str(err.value)
+    assert "perf/data_wait_fraction" in str(err.value) and "io/read_amplification" in str(err.value)
+
+
+def test_sweep_callback_refuses_a_bad_rank_by_when_it_is_built():
+    with pytest.raises(KeyError, match="unknown metric 'val/acc' \\(did you mean val/accuracy"):
+        SweepCallback(rank_by="val/acc")
+    with pytest.raises(ValueError, match="no direction"):
+        SweepCallback(rank_by="train/samples_seen")
+    assert SweepCallback(report=False, rank_by="val/acc").report is False  # no report: nothing to rank
+
+
+def test_report_from_a_real_store_ranks_read_amplification_lowest_first(tmp_path):
+    """Child runs logged to the test's MLflow SQLite store, read back by build_report/publish_report."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    uri = sqlite_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    ids = {}
+    for row in _io_rows():
+        run = client.create_run(exp, run_name=row.run_id, tags={"mlflow.parentRunId": parent})
+        ids[row.run_id] = run.info.run_id
+        overrides = " ".join(f"{k}={v}" for k, v in row.overrides.items())
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, 0, 0) for k, v in row.metrics.items()],
+            params=[Param(f"loader.{k}", row.axes[k]) for k in ("batch_size", "num_workers")]
+            + [Param("storage.name", "shards")],
+            tags=[RunTag("hydra.overrides", overrides)],
+        )
+        client.set_terminated(run.info.run_id)
+    with pytest.raises(KeyError, match="unknown metric"):  # refused before MLflow is asked anything
+        build_report(uri, "no-such-run", "io/read_amp")
+
+    report = publish_report(uri, parent, tmp_path / "report", "io/read_amplification")
+    assert [r.run_name for r in report.rows] == ["lean", "mid", "wasteful"]
+    tags = client.get_run(parent).data.tags
+    assert tags["sweep.best_run_id"] == ids["lean"] and tags["sweep.best_value"] == "1.02"
+    assert tags["sweep.best_config"] == "loader.batch_size=32"
+    rows = list(csv.DictReader(open(tmp_path / "report" / CSV_NAME)))
+    assert [r["run"] for r in rows] == ["lean", "mid", "wasteful"]
+    assert [float(r["io/read_amplification"]) for r in rows] == [1.02, 1.9, 7.5]
+    assert build_report(uri, parent, "perf/data_wait_fraction").best.run_name == "lean"
+    assert build_report(uri, parent, "perf/train_samples_per_s").best.run_name == "mid"
 
 
 def test_report_without_a_finished_run_names_no_best():

@@ -20,18 +20,10 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.checks import TRISTATE, ConfigError, check_fields, is_int, require
+from pipeline.metrics import OBJECTIVES  # metrics logged every epoch that have a direction
 
 __all__ = ["ConfigError", "OBJECTIVES", "check_sizes", "validate"]
 
-OBJECTIVES = (
-    "val/accuracy",
-    "val/loss",
-    "train/accuracy",
-    "train/loss",
-    "perf/train_samples_per_s",
-    "perf/epoch_seconds",
-    "perf/data_wait_fraction",
-)
 
 # the names pipeline/bench/loader.py uses (until it takes them from pipeline.config.checks)
 _check, _is_int = require, is_int
@@ -57,6 +49,12 @@ def validate(cfg: DictConfig) -> None:
     _check_images(cfg, source.shape(src))
     objective = OmegaConf.select(cfg, "objective", default="val/accuracy")
     require(objective in OBJECTIVES, "objective", objective, f"one of {OBJECTIVES}")
+    require(
+        not (objective.startswith("memory/epoch_peak_cuda") and cfg.trainer.device == "cpu"),
+        "objective",
+        objective,
+        "a CUDA memory figure is logged only when training on CUDA (trainer.device=cpu here)",
+    )
     _check_tracking(cfg.tracking)
     _check_memory_budget(cfg.trainer.memory_budget_mb)
 

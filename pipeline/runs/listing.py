@@ -11,7 +11,8 @@ The store is the jobs' own: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, e
 store under ``outputs/``. Columns: status, run name (a sweep's children indented under it), the
 overrides that differ between the listed jobs (a sweep: what it varies), the last epoch's validation
 accuracy, train samples/s, data-wait share and the run's peak memory, the duration and the start
-time, and the run id's first 8 characters. A RUNNING run whose process is dead (judged as the reaper,
+time, and the run id's first 8 characters (``COLUMNS``; their labels and formats are the metric
+registry's, pipeline/metrics.py). A RUNNING run whose process is dead (judged as the reaper,
 pipeline/tracking/reaper.py, would) is shown ``RUNNING†``, with the reason under the table.
 """
 
@@ -22,17 +23,18 @@ import os
 import sys
 import time
 
+from pipeline import metrics as registry
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 ROLE, PARENT, ERROR = "pipeline.role", "mlflow.parentRunId", "error"
-METRICS = (  # column, metric, format
-    ("val acc", "val/accuracy", "{:.3f}"),
-    ("samples/s", "perf/train_samples_per_s", "{:.0f}"),
-    ("data wait", "perf/data_wait_fraction", "{:.0%}"),
-    ("peak MB", "memory/peak_used_mb", "{:.0f}"),
-)
+COLUMNS = ("val/accuracy", "perf/train_samples_per_s", "perf/data_wait_fraction", "memory/peak_used_mb")
 OVERRIDES_WIDTH, ERROR_WIDTH = 48, 110
 DEAD_MARK = "†"
+
+
+def _labels() -> list[str]:
+    return [registry.get(key).label for key in COLUMNS]
 
 
 def _cut(text: str, width: int) -> str:
@@ -89,7 +91,7 @@ def rows(
 
     now = time.time() if now is None else now
     keys = differing_keys(runs)
-    header = ["status", "run", "overrides", *(m[0] for m in METRICS), "duration", "started", "id"]
+    header = ["status", "run", "overrides", *_labels(), "duration", "started", "id"]
     if failed:
         header.append("error")
     table, notes = [], []
@@ -113,7 +115,7 @@ def rows(
             status,
             "  " * depth + (info.run_name or info.run_id[:8]),
             _cut(over, OVERRIDES_WIDTH),
-            *(fmt.format(metrics[key]) if key in metrics else "" for _, key, fmt in METRICS),
+            *(registry.get(key).format(metrics.get(key)) for key in COLUMNS),
             duration(max(0.0, end - info.start_time / 1000)) + ("+" if not info.end_time else ""),
             time.strftime("%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)),
             info.run_id[:8],
@@ -128,7 +130,7 @@ def rows(
 
 def render(header: list[str], table: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    numeric = {m[0] for m in METRICS}
+    numeric = set(_labels())
     lines = []
     for cells in [header, *table]:
         parts = [c.rjust(w) if h in numeric else c.ljust(w) for c, w, h in zip(cells, widths, header)]

@@ -2,10 +2,12 @@
 
     with JobRecorder(cfg, resume) as rec:         # the MLflow run (rank 0 only), its memory sampler
         rec.export(exp)                           # tags, params and artifacts of each stage ...
-        rec.split(split)
-        rec.loaders_built(device)
+        rec.split(exp, split)                     # dataset inputs, split.npz, sample grid
+        rec.threads(n)                            # param torch.num_threads
+        rec.loading(device)                       # memory sampling starts (storage=ram loads now)
+        rec.loaders_built()
         rec.transform((mean, std))                # transform.normalize: the train split's figures
-        rec.epoch(epoch, metrics)                 # per-epoch metrics and memory series
+        rec.epoch(epoch, metrics)                 # per-epoch metrics (pipeline/metrics.py), memory series
         rec.finished(model, val_loader, device, spec)
 
 Under torchrun only rank 0 has an MLflow run; the other ranks record into ``NoRun`` (nothing), but

@@ -9,8 +9,10 @@ creation -- and hands the parent's id to the jobs through the file ``<sweep dir>
 or SLURM) and the environment variable ``PIPELINE_MLFLOW_PARENT_RUN_ID``. When the multirun ends (or,
 after a failed job, at exit) it writes the sweep report (pipeline/tracking/sweep_report.py) to
 ``<sweep dir>/report/``, logs it to the parent run and prints the table; its options live in
-conf/hydra/default.yaml (``report``, ``rank_by``). The report's table, best configuration on top, is
-also the parent run's description (``mlflow.note.content``), shown on its page in the MLflow UI.
+conf/hydra/default.yaml (``report``, ``rank_by``: a metric of pipeline/metrics.py with a direction,
+checked when Hydra builds the callback, so a bad one fails before any job runs). The report's table,
+best configuration on top, is also the parent run's description (``mlflow.note.content``), shown on
+its page in the MLflow UI.
 
 Like a job, the sweep ends the runs dead processes left RUNNING before it starts (reaper.py) and keeps
 a heartbeat on its parent run while it runs (heartbeat.py). The parent is tagged ``sweep.varied``:
@@ -107,6 +109,10 @@ class SweepCallback(Callback):
     def __init__(self, report: bool = True, rank_by: str = "perf/train_samples_per_s") -> None:
         self.uri: str | None = None
         self.parent_id: str | None = None
+        if report:
+            from pipeline.metrics import rankable
+
+            rankable(rank_by)  # a name the report cannot rank by fails now, not after every job has run
         self.report, self.rank_by = report, rank_by
         self.sweep_dir: Path | None = None
         self.heartbeat = None

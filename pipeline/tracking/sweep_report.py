@@ -1,11 +1,11 @@
 """Sweep report: one table and two plots comparing the child runs of a multirun sweep.
 
     from pipeline.tracking.sweep_report import build_report, write_report
-    report = build_report(tracking_uri, parent_run_id)            # reads the children from MLflow
+    report = build_report(tracking_uri, parent_run_id, rank_by="perf/train_samples_per_s")  # from MLflow
     paths = write_report(report, out_dir)                         # CSV, markdown, PNG plots
     print(report.markdown())
 
-``SweepCallback`` (pipeline/tracking.py) calls ``publish_report`` when a multirun ends: it writes the
+``SweepCallback`` (pipeline/tracking/sweep.py) calls ``publish_report`` when a multirun ends: it writes the
 files to ``<sweep dir>/report/``, logs them to the sweep's parent run under ``report/``, tags the
 parent with the best configuration (``sweep.best_config``, ``sweep.best_run_id``, ...), makes the
 table, best configuration on top, the parent's description (``mlflow.note.content``: the MLflow UI
@@ -13,11 +13,13 @@ shows it on the run's overview) and prints the table.
 
 One row per child run: the overrides that differ between children, then its final-epoch
 ``perf/train_samples_per_s``, ``perf/epoch_seconds``, ``perf/data_wait_fraction``, ``val/accuracy``
-and ``memory/peak_used_mb``. When the sweep ran several ``loader.num_workers``, a second table gives
-train samples/s per storage format (``<name> uint8`` for ``storage.dtype=uint8``) and batch size
-against the worker count, with the speed-up over 0 workers, and ``throughput_vs_workers.png`` plots
-it. Rows are sorted best first by ``rank_by`` (metrics that measure time, loss, waiting or memory
-rank lowest first; others highest first).
+and ``memory/peak_used_mb`` (``COLUMNS``; ``rank_by`` is added when it is not one of them). When the
+sweep ran several ``loader.num_workers``, a second table gives train samples/s per storage format
+(``<name> uint8`` for ``storage.dtype=uint8``) and batch size against the worker count, with the
+speed-up over 0 workers, and ``throughput_vs_workers.png`` plots it. Rows are sorted best first by
+``rank_by``. Labels, formats and which way is better come from the metric registry
+(pipeline/metrics.py); a ``rank_by`` it does not define, or one without a direction (a counter such as
+``train/samples_seen``), is refused naming the metrics that can rank.
 """
 
 from __future__ import annotations
@@ -30,26 +32,23 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import metrics as registry
+
 log = logging.getLogger(__name__)
 
-METRICS = {
-    "perf/train_samples_per_s": "train samples/s",
-    "perf/epoch_seconds": "epoch s",
-    "perf/data_wait_fraction": "data wait",
-    "val/accuracy": "val acc",
-    "memory/peak_used_mb": "peak MB",
-}
+COLUMNS = (
+    "perf/train_samples_per_s",
+    "perf/epoch_seconds",
+    "perf/data_wait_fraction",
+    "val/accuracy",
+    "memory/peak_used_mb",
+)
 AXES = {"batch_size": "loader.batch_size", "num_workers": "loader.num_workers", "storage": "storage.name"}
-LOWER_IS_BETTER = ("seconds", "loss", "wait", "memory/", "_mb")
 CSV_NAME, MD_NAME = "sweep_report.csv", "sweep_report.md"
 NOTE_TAG, NOTE_MAX = "mlflow.note.content", 8000  # MLflow's longest tag value
 THROUGHPUT_PNG, MEMORY_PNG = "throughput_vs_batch_size.png", "peak_memory_vs_workers.png"
 WORKERS_PNG = "throughput_vs_workers.png"
 THROUGHPUT = "perf/train_samples_per_s"
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in LOWER_IS_BETTER)
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -84,18 +83,27 @@ class Report:
     swept: list[str] = field(default_factory=list)  # override keys whose value differs between rows
 
     @property
+    def columns(self) -> tuple[str, ...]:
+        """The metrics of the table: ``COLUMNS``, then ``rank_by`` when it is not one of them."""
+        return COLUMNS if self.rank_by in COLUMNS else (*COLUMNS, self.rank_by)
+
+    @property
+    def how(self) -> str:
+        return "lowest" if registry.rankable(self.rank_by).lower_is_better else "highest"
+
+    @property
     def best(self) -> Row | None:
         ok = [r for r in self.rows if r.status == "FINISHED" and not math.isnan(r.value(self.rank_by))]
         return ok[0] if ok else None  # rows are sorted best first
 
     def header(self) -> list[str]:
-        return ["run", "status", *self.swept, *METRICS.values()]
+        return ["run", "status", *self.swept, *(registry.get(m).label for m in self.columns)]
 
     def records(self) -> list[list[str]]:
         out = []
         for r in self.rows:
             cells = [r.run_name, r.status, *(r.overrides.get(k, "") for k in self.swept)]
-            cells += [_fmt(m, r.value(m)) for m in METRICS]
+            cells += [registry.get(m).format(r.value(m)) for m in self.columns]
             out.append(cells)
         return out
 
@@ -144,7 +152,7 @@ class Report:
         if best is None:
             return f"No finished child run has {self.rank_by}."
         return (
-            f"Best by {self.rank_by} ({'lowest' if lower_is_better(self.rank_by) else 'highest'}): "
+            f"Best by {self.rank_by} ({self.how}): "
             f"{best_config(best) or '(defaults)'} -> {best.value(self.rank_by):.4g} (run {best.run_id})"
         )
 
@@ -159,10 +167,12 @@ class Report:
         if best is None:
             head = [self.best_line(), ""]
         else:
-            how = "lowest" if lower_is_better(self.rank_by) else "highest"
             distinct = len({r.run_name for r in self.rows}) == len(self.rows)
             name = best.run_name if distinct else best_config(best) or "(defaults)"
-            head = [f"**Best** ({how} `{self.rank_by}`): **{name}** = {best.value(self.rank_by):.4g}", ""]
+            head = [
+                f"**Best** ({self.how} `{self.rank_by}`): **{name}** = {best.value(self.rank_by):.4g}",
+                "",
+            ]
         rows = len(self.rows)
         while True:
             text = "\n".join([*head, *self.table(rows)]) + "\n"
@@ -171,22 +181,14 @@ class Report:
             rows -= 1
 
 
-def _fmt(metric: str, value: float) -> str:
-    if math.isnan(value):
-        return ""
-    if metric in ("perf/data_wait_fraction", "val/accuracy"):
-        return f"{value:.3f}"
-    if metric == "perf/epoch_seconds":
-        return f"{value:.3f}"
-    return f"{value:.0f}"
-
-
 def best_config(row: Row) -> str:
     return " ".join(f"{k}={v}" for k, v in row.overrides.items())
 
 
 def build_report(uri: str, parent_run_id: str, rank_by: str = "perf/train_samples_per_s") -> Report:
-    """Read every child run of ``parent_run_id`` from the MLflow store at ``uri``."""
+    """Read every child run of ``parent_run_id`` from the MLflow store at ``uri``; ``rank_by`` is checked
+    against the registry first."""
+    registry.rankable(rank_by)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -220,17 +222,19 @@ def _axes(params: dict) -> dict:
 
 
 def make_report(parent_run_id: str, rows: list[Row], rank_by: str) -> Report:
+    """Rows sorted best first by ``rank_by`` (finished runs with a value first); ValueError naming the
+    metrics that can rank if the registry does not define ``rank_by`` or gives it no direction."""
+    metric = registry.rankable(rank_by)
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r.overrides if k not in keys]
     swept = [k for k in keys if len({r.overrides.get(k) for r in rows}) > 1]
     for r in rows:  # only what differs between children identifies a configuration
         r.overrides = {k: v for k, v in r.overrides.items() if k in swept}
-    sign = 1.0 if lower_is_better(rank_by) else -1.0
 
     def key(r: Row):
         v = r.value(rank_by)
-        return (r.status != "FINISHED", math.isnan(v), sign * v if not math.isnan(v) else 0.0)
+        return (r.status != "FINISHED", math.isnan(v), metric.sort_key(v) if not math.isnan(v) else 0.0)
 
     return Report(parent_run_id, rank_by, sorted(rows, key=key), swept)
 
@@ -272,7 +276,7 @@ def _plot(report: Report, path: Path, *, x: str, line: str, panel: str, metric: 
         ax.grid(alpha=0.3)
         if lines:
             ax.legend(title=line.replace("_", " "), fontsize=8)
-    axes[0][0].set_ylabel(METRICS.get(metric, metric))
+    axes[0][0].set_ylabel(registry.get(metric).label)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -285,11 +289,11 @@ def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / CSV_NAME, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["run_id", "run", "status", *report.swept, *METRICS])
+        writer.writerow(["run_id", "run", "status", *report.swept, *report.columns])
         for r in report.rows:
             writer.writerow(
                 [r.run_id, r.run_name, r.status, *(r.overrides.get(k, "") for k in report.swept)]
-                + [("" if math.isnan(r.value(m)) else repr(r.value(m))) for m in METRICS]
+                + [("" if math.isnan(r.value(m)) else repr(r.value(m))) for m in report.columns]
             )
     (out / MD_NAME).write_text(report.markdown())
     _plot(

@@ -6,20 +6,12 @@
     fit(..., optimizer=optimizer, start_epoch=2, samples_seen=n)   # resume: epochs 2.. on top of n
     fit(..., sample_bytes=exp.stored_sample_bytes)                 # adds io/read_amplification
 
-Per epoch: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy``,
-``perf/epoch_seconds`` (the train pass), ``perf/train_samples_per_s``, ``perf/data_wait_fraction``
-(share of the train pass spent waiting for the next batch), ``perf/data_wait_seconds``,
-``perf/compute_seconds``, ``perf/val_seconds``, ``train/samples_seen`` (train samples trained on so
-far: counted batch by batch over every rank, carried over from ``samples_seen`` on resume) and, with
-a memory sampler, the epoch's peaks
-``memory/epoch_peak_<figure>`` (``used_mb``, ``mapped_file_mb``, ``uss_workers_mb``, ...; the sampled
-series itself is ``memory/<figure>``). With a sampler, epoch starts are marked on its timeline and its
-budget is checked on every step. I/O of the train pass (main process + DataLoader workers, live or
-exited; pipeline.system.iocount, read at the pass's start and end only, summed over ranks):
-``io/read_mb`` (bytes fetched from the block device, in 10^6 bytes; ~0 when the data is in the page
-cache), ``io/read_mb_per_s`` (over the train pass's seconds) and, given ``sample_bytes``,
-``io/read_amplification`` (bytes read / (samples trained on x sample_bytes): ~1 for a cold pass that
-reads each sample once, far above 1 when readahead fetches pages that are evicted unused). At the end
+Per epoch: the metrics that pipeline/metrics.py defines as logged every epoch (``Logged.EPOCH``: train and
+val loss and accuracy, ``perf/*`` timings, ``train/samples_seen``, ``io/read_*`` and, with a memory sampler,
+``memory/epoch_peak_<figure>``); their meaning, units and direction are defined there only. With a
+sampler, epoch starts are marked on its timeline and its budget is checked on every step. The I/O
+figures cover the train pass (main process + DataLoader workers, live or exited;
+pipeline.system.iocount, read at the pass's start and end only, summed over ranks). At the end
 the samples this call trained on are checked against what the loaders promise (len(train) x the
 epochs run, less what ``drop_last`` drops on each rank).
 """
