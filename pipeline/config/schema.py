@@ -78,7 +78,7 @@ class CodecName(Choice):
 
 
 class CodecDecoder(Choice):
-    imagecodecs = "imagecodecs"  # 1.4-3x Pillow on photo crops (docs/compact-samples.md)
+    imagecodecs = "imagecodecs"  # faster than Pillow: docs/compact-samples.md, "Choosing the decoder"
     pillow = "pillow"  # the reference
 
 
@@ -86,11 +86,6 @@ class Optimizer(Choice):
     adam = "adam"
     adamw = "adamw"
     sgd = "sgd"
-
-
-class CacheState(Choice):
-    warm = "warm"  # a warm-up pass first; the data stays in the page cache
-    cold = "cold"  # the export's pages dropped before every pass
 
 
 MODEL_NAMES = ("mlp", "cnn")  # conf/model/<name>.yaml; pipeline/training/models.py builds them
@@ -306,36 +301,6 @@ class Config:
     progress: Any = field(default_factory=ProgressConfig)
 
 
-@dataclass
-class BenchOptions:
-    """``python -m pipeline.bench``: the grid it measures and how long it measures each point."""
-
-    storages: List[str] = field(default_factory=lambda: ["pt", "memmap", "shards"])
-    num_workers: List[int] = field(default_factory=lambda: [0])
-    batch_sizes: List[int] = field(default_factory=lambda: [64])
-    thread_prefetch: List[int] = field(default_factory=lambda: [0])
-    min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
-    min_seconds: float = 1.0  # ... and at least this long in total
-    max_passes: int = 100
-    seed: int = 0
-    cache: CacheState = CacheState.warm  # cold: the export's pages dropped before every measured pass
-    memory_limit_mb: Optional[float] = (
-        None  # each pass in a memory-capped cgroup (where possible); null = none
-    )
-
-
-@dataclass
-class BenchConfig:
-    source: SourceConfig = MISSING
-    storage: StorageConfig = MISSING
-    split: SplitConfig = field(default_factory=SplitConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    bench: BenchOptions = field(default_factory=BenchOptions)
-    progress: Any = field(default_factory=ProgressConfig)  # exports: bars or log lines
-
-
 def register_configs() -> None:
     """base_config, and a base_* per option schema of the groups whose option picks a schema (source,
     storage, model). ``Config``'s fields type the rest: transform's options name no base, and split,
@@ -357,8 +322,3 @@ def register_configs() -> None:
         ("model", "base_cnn", CNNConfig),
     ]:
         cs.store(group=group, name=name, node=node)
-
-
-def register_bench() -> None:
-    """base_bench, for conf/bench.yaml (``python -m pipeline.bench`` registers it)."""
-    ConfigStore.instance().store(name="base_bench", node=BenchConfig)
