@@ -2,9 +2,11 @@
 
     with JobRecorder(cfg, resume) as rec:         # the MLflow run (rank 0 only), its memory sampler
         rec.export(exp)                           # tags, params and artifacts of each stage ...
-        rec.split(split)
-        rec.loaders_built(device)
-        rec.transform((mean, std))                # transform.normalize: the train split's figures
+        rec.split(exp, split)
+        rec.threads(n)                            # torch's thread count
+        rec.loading(device)                       # memory sampling starts (storage=ram loads next)
+        rec.loaders_built()
+        rec.transform(stats)                      # transform.normalize: the train split's (mean, std)
         rec.epoch(epoch, metrics)                 # per-epoch metrics and memory series
         rec.finished(model, val_loader, device, spec)
 

@@ -5,7 +5,7 @@
     paths = write_report(report, out_dir)                         # CSV, markdown, PNG plots
     print(report.markdown())
 
-``SweepCallback`` (pipeline/tracking.py) calls ``publish_report`` when a multirun ends: it writes the
+``SweepCallback`` (pipeline/tracking/sweep.py) calls ``publish_report`` when a multirun ends: it writes the
 files to ``<sweep dir>/report/``, logs them to the sweep's parent run under ``report/``, tags the
 parent with the best configuration (``sweep.best_config``, ``sweep.best_run_id``, ...), makes the
 table, best configuration on top, the parent's description (``mlflow.note.content``: the MLflow UI
