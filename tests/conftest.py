@@ -17,6 +17,39 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 
 
+def untracked_files() -> set[str] | None:
+    """Files of this checkout that git shows as untracked (ignored ones left out); None where the tests do
+    not run from a git checkout of their own (an sdist, no git)."""
+    try:
+        top = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--show-toplevel"], capture_output=True, text=True
+        )
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != REPO:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "-z"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {entry[3:] for entry in status.stdout.split("\0") if entry.startswith("?? ")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """Tests write only under temporary folders: the run fails if the checkout gained an untracked file
+    that git does not ignore (a store, an export, a log written relative to the working directory)."""
+    before = untracked_files()
+    yield
+    if before is None:
+        return
+    new = sorted((untracked_files() or set()) - before)
+    if new:
+        pytest.fail(f"the tests left files in the checkout {REPO}: {', '.join(new)}", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(request, monkeypatch, tmp_path):
     """No test writes into the checkout's outputs/ or reads a developer's MLflow settings. Each test's

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
-from pipeline.bench.loader import storage_config, validate_bench
+from pipeline.bench import schema
+from pipeline.bench.schema import storage_options, validate
 from pipeline.config.validate import ConfigError
+from pipeline.data.storage.shards import ShardsConfig as ShardsStorageConfig
 from tests.conftest import CONF_DIR, compose_cfg, run_command, sqlite_uri
 
 TINY = [
@@ -113,10 +118,7 @@ def test_bad_cache_state_fails_composition_naming_the_valid_ones(tmp_path):
 
 
 def compose_bench(root, overrides=()):
-    import pipeline.config
-
-    pipeline.config.register()
-
+    schema.register()  # base_bench, and the product's schemas and resolvers
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
             config_name="bench",
@@ -140,7 +142,7 @@ def compose_bench(root, overrides=()):
 def test_bad_bench_config_is_named(tmp_path, override, key):
     cfg = compose_bench(tmp_path, override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_bench(cfg)
+        validate(cfg)
 
 
 def test_bad_bench_grid_fails_before_any_work(tmp_path):
@@ -152,10 +154,26 @@ def test_bad_bench_grid_fails_before_any_work(tmp_path):
 
 def test_other_formats_use_their_yaml(tmp_path):
     cfg = compose_cfg(tmp_path, ["storage=shards", "storage.shard_size_mb=3"])
-    assert storage_config("shards", cfg.storage).shard_size_mb == 3
-    assert storage_config("memmap", cfg.storage).name == "memmap"
-    other = storage_config("shards", compose_cfg(tmp_path, ["storage=memmap"]).storage)
+    assert storage_options("shards", cfg.storage).shard_size_mb == 3
+    assert storage_options("memmap", cfg.storage).name == "memmap"
+    other = storage_options("shards", compose_cfg(tmp_path, ["storage=memmap"]).storage)
     assert other.shard_size_mb == 64 and other.shuffle_buffer_shards == 4
+    assert OmegaConf.get_type(other) is ShardsStorageConfig  # on its schema: a wrong key fails
+    with pytest.raises(ConfigAttributeError):
+        other.shard_size = 8
+
+
+def test_other_formats_come_from_the_running_apps_search_path(tmp_path):
+    """Inside an initialized Hydra (as in ``python -m pipeline.bench``) the other formats' options are
+    composed from that app's config dir, not read from a fixed folder."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "storage" / "shards.yaml").write_text("defaults:\n  - base_shards\nshard_size_mb: 7\n")
+    schema.register()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        current = compose(config_name="bench", overrides=[f"paths.root={tmp_path}"]).storage
+        assert current.name == "memmap"
+        assert storage_options("shards", current).shard_size_mb == 7
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_lossless_codecs_give_back_the_exact_pixels(img, which, decoder):
 
 @lru_cache(maxsize=4)
 def _photo_crops(mode: str, size: int) -> np.ndarray:
-    from pipeline.bench.photos import photo_samples
+    from benchmarks.photos import photo_samples
 
     return photo_samples(40, (size, size), mode, seed=size)[0]
 

@@ -81,7 +81,7 @@ def test_lossless_round_trip_is_exact(
 
 @lru_cache(maxsize=2)
 def photo_crops(mode: str):
-    from pipeline.bench.photos import photo_samples
+    from benchmarks.photos import photo_samples
 
     return photo_samples(48, (32, 32), mode, seed=3)
 

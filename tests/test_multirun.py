@@ -176,7 +176,7 @@ def test_failed_job_fails_the_sweep_parent(tmp_path, capsys):
     assert "LFWUnavailable: LFW data is not in" in line and line.startswith("FAILED")
 
 
-def test_the_sweep_callback_pickles_without_its_heartbeat_thread():
+def test_the_sweep_callback_pickles_without_its_heartbeat_thread(tmp_path):
     """Launchers running jobs in other processes (joblib, submitit) pickle Hydra's callbacks with the
     task: a started heartbeat (a thread, locks) must not go with them, and must keep beating here."""
     import pickle
@@ -185,7 +185,7 @@ def test_the_sweep_callback_pickles_without_its_heartbeat_thread():
     from pipeline.tracking.sweep import SweepCallback
 
     cb = SweepCallback(report=False)
-    cb.parent_id, cb.uri = "abc123", "sqlite:///nowhere.db"
+    cb.parent_id, cb.uri = "abc123", f"sqlite:///{tmp_path}/nowhere.db"
     cb.heartbeat = Heartbeat(cb.uri, cb.parent_id, 3600.0).start()
     beat = cb.heartbeat
     try:

@@ -1,5 +1,5 @@
-"""python -m pipeline.bench [overrides]: the loader benchmark (pipeline/bench/loader.py, conf/bench.yaml)."""
+"""python -m pipeline.bench [overrides]: the loader benchmark (pipeline/bench/cli.py, conf/bench.yaml)."""
 
-from pipeline.bench.loader import cli
+from pipeline.bench.cli import cli
 
 cli()

@@ -64,11 +64,6 @@ class Optimizer(Choice):
     sgd = "sgd"
 
 
-class CacheState(Choice):
-    warm = "warm"  # a warm-up pass first; the data stays in the page cache
-    cold = "cold"  # the export's pages dropped before every pass
-
-
 MODEL_NAMES = ("mlp", "cnn")  # conf/model/<name>.yaml; pipeline/training/models.py builds them
 DEVICES = "auto | cpu | cuda | cuda:N | mps"
 
@@ -226,36 +221,6 @@ class Config:
     progress: Any = field(default_factory=ProgressConfig)
 
 
-@dataclass
-class BenchOptions:
-    """``python -m pipeline.bench``: the grid it measures and how long it measures each point."""
-
-    storages: List[str] = field(default_factory=lambda: ["pt", "memmap", "shards"])
-    num_workers: List[int] = field(default_factory=lambda: [0])
-    batch_sizes: List[int] = field(default_factory=lambda: [64])
-    thread_prefetch: List[int] = field(default_factory=lambda: [0])
-    min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
-    min_seconds: float = 1.0  # ... and at least this long in total
-    max_passes: int = 100
-    seed: int = 0
-    cache: CacheState = CacheState.warm  # cold: the export's pages dropped before every measured pass
-    memory_limit_mb: Optional[float] = (
-        None  # each pass in a memory-capped cgroup (where possible); null = none
-    )
-
-
-@dataclass
-class BenchConfig:
-    source: SourceConfig = MISSING
-    storage: StorageConfig = MISSING
-    split: SplitConfig = field(default_factory=SplitConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    bench: BenchOptions = field(default_factory=BenchOptions)
-    progress: Any = field(default_factory=ProgressConfig)  # exports: bars or log lines
-
-
 def register_storage_schema(name: str, node: type, *, option: bool = False) -> None:
     """``node`` as ``storage/base_<name>`` (what conf/storage/<name>.yaml extends), and with ``option`` as
     ``storage/<name>`` itself (a format registered from code, with no YAML)."""
@@ -289,8 +254,3 @@ def register_configs() -> None:
         register_storage_schema(name, fmt.config)
     cs.store(group="model", name="base_mlp", node=MLPConfig)
     cs.store(group="model", name="base_cnn", node=CNNConfig)
-
-
-def register_bench() -> None:
-    """base_bench, for conf/bench.yaml (``python -m pipeline.bench`` registers it)."""
-    ConfigStore.instance().store(name="base_bench", node=BenchConfig)

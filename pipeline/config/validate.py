@@ -19,14 +19,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.checks import TRISTATE, ConfigError, check_fields, is_int, require
+from pipeline.config.checks import TRISTATE, ConfigError, check_fields, require
 from pipeline.metrics import OBJECTIVES  # metrics logged every epoch that have a direction
 
 __all__ = ["ConfigError", "OBJECTIVES", "check_sizes", "validate"]
-
-
-# the names pipeline/bench/loader.py uses (until it takes them from pipeline.config.checks)
-_check, _is_int = require, is_int
 
 
 def validate(cfg: DictConfig) -> None:

@@ -5,8 +5,8 @@
     model = load_logged_model(tracking_uri, run_id)                 # nn.Module, eval mode, CPU
 
 The run's ``model`` artifact folder is an MLflow pytorch model saved with
-``serialization_format="pickle"`` and explicit pip requirements (well under a second; MLflow's
-default ``pt2`` export needs an input example and takes 8-14 s), so MLflow tools can use it:
+``serialization_format="pickle"`` and explicit pip requirements (far faster than MLflow's default
+``pt2`` export, which also needs an input example: docs/reproducibility.md), so MLflow tools can use it:
 ``mlflow.pytorch.load_model("runs:/<id>/model")`` -- which, since the pickle can run code, MLflow
 only does with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``, and which needs this project importable
 (the pickle refers to ``pipeline.training.models``).
@@ -14,7 +14,8 @@ only does with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``, and which needs thi
 Beside it the folder holds ``state_dict.pt`` and ``pipeline_model.json`` (model config, sample
 spec and the input normalisation's mean/std): ``load_logged_model`` rebuilds the model with
 ``build_model`` and loads the weights with ``torch.load(weights_only=True)`` -- no pickle.
-``import mlflow.pytorch`` costs ~4 s, so it is imported here, lazily, only when a model is logged.
+``import mlflow.pytorch`` is slow (docs/reproducibility.md), so it is imported here, lazily, only when a
+model is logged.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
     log_final(tracked_run, sampler, output_dir, step=last_epoch, budget_mb=None)
 
 Series ``memory/<figure>`` (step = sample index, the sample's own timestamp) for every figure of
-``pipeline.system.memory.Snapshot``, logged in batches (an MLflow call costs ~12 ms); at the end
-``memory/peak_<figure>``, ``memory/min_system_available_mb`` and the artifacts
+``pipeline.system.memory.Snapshot``, logged in batches (each MLflow call is a round trip to the store);
+at the end ``memory/peak_<figure>``, ``memory/min_system_available_mb`` and the artifacts
 ``memory/memory_timeline.{png,csv}``.
 """
 

@@ -1,8 +1,8 @@
 """Memory scaling benchmark: peak memory of one training epoch per storage format and data size.
 
-    python -m pipeline.bench.memory                                  # every registered format
-    python -m pipeline.bench.memory --sizes 10000 50000 200000 --formats ram memmap shards npy
-    python -m pipeline.bench.memory --compare-free --samples 50000   # memory/used_mb vs `free`
+    python -m benchmarks.memory                                  # every registered format
+    python -m benchmarks.memory --sizes 10000 50000 200000 --formats ram memmap shards npy
+    python -m benchmarks.memory --compare-free --samples 50000   # memory/used_mb vs `free`
 
 Each (format, size) is one real run of ``python -m pipeline`` in its own process (synthetic 62x47
 float32 samples, one epoch, ``model.hidden=[64]``) tracked in a SQLite store under ``--out``; the
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
 
     FORMATS = formats()
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.memory", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
     p.add_argument("--formats", nargs="+", default=sorted(FORMATS), help=f"default: all of {sorted(FORMATS)}")
     p.add_argument("--per-file-max", type=int, default=50_000, help="largest size for pt/npy")

@@ -1,8 +1,8 @@
 """Reader benchmark: the array formats' readers warm and out of core, beside the readers they replace.
 
-    python -m pipeline.bench.readers                                    # 250,000 samples, 1 GiB cgroup
-    python -m pipeline.bench.readers --samples 13233 --warm-only        # LFW-sized, page cache warm
-    python -m pipeline.bench.readers --points memmap memmap-plain pt --limit-mb 512 --samples 100000
+    python -m benchmarks.readers                                    # 250,000 samples, 1 GiB cgroup
+    python -m benchmarks.readers --samples 13233 --warm-only        # LFW-sized, page cache warm
+    python -m benchmarks.readers --points memmap memmap-plain pt --limit-mb 512 --samples 100000
 
 Exports LFW-shaped synthetic samples (62x47 float32, 11,656 bytes) as ``memmap``,
 ``shards`` and (for ``pt``) one file per sample under ``--data-dir`` (reused across runs), then measures each
@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]  # children import benchmarks/ from here, wherever they start
 POINTS = ("memmap", "memmap-plain", "shards-memory", "shards-mapped", "pt", "disk")
 MiB = 2**20
 
@@ -182,10 +183,12 @@ def child(args) -> dict:
 
 
 def run_point(args, point: str, cold: bool) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.bench.readers", "--child", point, *sys.argv[1:]]
+    cmd = [sys.executable, "-m", "benchmarks.readers", "--child", point, *sys.argv[1:]]
     if cold:
         cmd.append("--cold")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode < 0:  # e.g. SIGKILL from the cgroup's OOM killer: no message of its own
         return {
             "error": f"killed by signal {-proc.returncode} (in a {args.limit_mb} MiB cgroup: out of memory?)"

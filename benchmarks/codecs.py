@@ -1,9 +1,9 @@
 """Codec benchmark: bytes per sample and decode samples/s of PNG, WebP and JPEG on real 8-bit photos.
 
-    python -m pipeline.bench.codecs                                  # 62x47 grey and 64x64 RGB crops
-    python -m pipeline.bench.codecs --num-samples 2000 --seconds 2 --shapes 62x47 64x64x3 128x128x3
+    python -m benchmarks.codecs                                  # 62x47 grey and 64x64 RGB crops
+    python -m benchmarks.codecs --num-samples 2000 --seconds 2 --shapes 62x47 64x64x3 128x128x3
 
-Samples are crops of real photos (pipeline/bench/photos.py). Each codec (PNG, lossless WebP, WebP and
+Samples are crops of real photos (benchmarks/photos.py). Each codec (PNG, lossless WebP, WebP and
 JPEG at ``--quality``) encodes them once with pipeline/data/codec.py; then every decoder decodes them,
 one sample per call in one thread (as a DataLoader worker does), for ``--seconds`` in all: 5
 rounds, the decoders taking turns within each round (so that a change in the machine's load hits
@@ -118,7 +118,7 @@ def rate(fn, blobs, shape, seconds: float) -> float:
 
 
 def bench(shape: tuple[int, ...], n: int, seconds: float, quality: int) -> list[dict]:
-    from pipeline.bench.photos import photo_samples
+    from benchmarks.photos import photo_samples
 
     mode = "L" if len(shape) == 2 else "RGB"
     x, _ = photo_samples(n, shape[:2], mode, seed=0)

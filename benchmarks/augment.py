@@ -1,7 +1,7 @@
 """Where should batched augmentation run? Loader throughput with flip/crop in the main process vs in workers.
 
-    python -m pipeline.bench.augment                          # 13,233 x 62x47 uint8, memmap, batch 64
-    python -m pipeline.bench.augment --num-samples 20000 --shape 64 64 3 --dtype float32 --passes 5
+    python -m benchmarks.augment                          # 13,233 x 62x47 uint8, memmap, batch 64
+    python -m benchmarks.augment --num-samples 20000 --shape 64 64 3 --dtype float32 --passes 5
 
 An LFW-shaped synthetic export (memmap, in ``--data-dir``) is read through pipeline.training.loading's
 train DataLoader, one batch of ``--batch-size`` at a time, in these set-ups (samples/s, median of

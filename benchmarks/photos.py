@@ -1,9 +1,9 @@
 """Real 8-bit photos for benchmarks, offline: crops of the photos that scikit-learn and matplotlib ship.
 
-    from pipeline.bench.photos import photo_samples, write_image_folder
+    from benchmarks.photos import photo_samples, write_image_folder
     x, y = photo_samples(1000, (62, 47), seed=0)          # uint8 [n, 62, 47] (grey) or [n, H, W, 3]
-    python -m pipeline.bench.photos /work/data/photos --num-samples 20000 --size 64 64 --mode RGB
-    python -m pipeline.bench.photos /work/data/lfw --lfw --num-samples 60000   # for source=lfw
+    python -m benchmarks.photos /work/data/photos --num-samples 20000 --size 64 64 --mode RGB
+    python -m benchmarks.photos /work/data/lfw --lfw --num-samples 60000   # for source=lfw
 
 Three photos (scikit-learn's ``china.jpg`` and ``flower.jpg``, matplotlib's ``grace_hopper.jpg``); a
 sample is a random window (a side of 48 to 256 pixels, the aspect of the sample) of one of them,
