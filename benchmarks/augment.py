@@ -33,27 +33,28 @@ from omegaconf import OmegaConf
 from pipeline.config.schema import LoaderConfig
 from pipeline.data.export import export
 from pipeline.data.sources.synthetic import SyntheticConfig
+from pipeline.data.storage.base import BatchedDataset
 from pipeline.data.storage.memmap import MemmapConfig as MemmapStorageConfig
 from pipeline.training.loading import build_loader
 from pipeline.training.transforms import FlipCrop
 
 
-class AugmentInGetitems(torch.utils.data.Dataset):
+class AugmentInGetitems(BatchedDataset):
     """A batched Dataset whose ``__getitems__`` augments the batch it read (so: in the worker)."""
 
     def __init__(self, inner, augment: FlipCrop) -> None:
         self.inner, self.augment = inner, augment
-        self.collate_fn = inner.collate_fn
-
-    def __len__(self) -> int:
-        return len(self.inner)
+        self.spec, self.ids, self.labels = inner.spec, inner.ids, inner.labels
 
     def batch_sampler(self, *args):
         return self.inner.batch_sampler(*args)
 
+    def read_into(self, request, out) -> None:
+        self.inner.read_into(request, out)
+
     def __getitems__(self, indices):
         x, y = self.inner.__getitems__(indices)
-        return self.augment(x, torch.Generator().manual_seed(int(indices[0]))), y
+        return self.augment(x, torch.Generator().manual_seed(int(list(indices)[0]))), y
 
 
 def one_pass(loader) -> float:

@@ -14,7 +14,7 @@
 Encoding is Pillow's (PNG compress level 6; lossless WebP at effort 100, method 4; JPEG 4:2:0 at the
 quality). Decoding is imagecodecs' by default (``DECODER``): on real photo crops it decoded PNG 1.4-2.2x,
 lossless WebP 2x and JPEG 4.3x faster than Pillow, to the same pixels (docs/compact-samples.md,
-``python -m pipeline.bench.codecs``); Pillow stays as the reference the tests compare it to. A lossy
+``python -m benchmarks.codecs``); Pillow stays as the reference the tests compare it to. A lossy
 codec's pixels depend on the decoder, so an export should record ``c.decoder``. Lossless codecs give
 back the exact pixels; lossy ones lose the PSNR that docs/compact-samples.md states.
 WebP holds no grey images: a grey sample is encoded as RGB with three equal channels and decoded back

@@ -15,7 +15,7 @@ generator seeded with ``derive_seed(trainer.seed, "augment", e, b, rank)``, so a
 augmented the same way with 0 or N DataLoader workers, with or without thread prefetch, and after a
 resume. It runs in the main process, after the DataLoader (pipeline.training.loading's ``EpochLoader``;
 with ``loader.thread_prefetch`` inside the prefetch thread): it costs a few us a sample, and running it
-in the workers instead bought nothing measurable (``python -m pipeline.bench.augment``,
+in the workers instead bought nothing measurable (``python -m benchmarks.augment``,
 docs/compact-samples.md).
 
 Normalisation is not done here but in the model's first layer (pipeline/training/models.py), so that

@@ -4,7 +4,7 @@
 
 The Writer streams chunks into ``data.npy`` (samples in id order, shape ``(n, *spec.shape)``); the
 Dataset copies the samples of its ids into one in-memory array up front -- the approach that fails
-when the data does not fit in RAM, kept so that users and ``python -m pipeline.bench.memory`` can see
+when the data does not fit in RAM, kept so that users and ``python -m benchmarks.memory`` can see
 the contrast with the out-of-core formats. The copy is read in sorted chunks through a read-only
 memory map, so it never needs twice the split's size; the map is dropped afterwards. Workers forked
 after the load share the array copy-on-write (nothing in it is a Python object, so reading it does
