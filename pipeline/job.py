@@ -77,5 +77,5 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
             samples_seen=resume.samples_seen if resume else 0,
             sample_bytes=exp.stored_sample_bytes,
         )
-    rec.finished(model, val_loader, device, exp.spec)
+    rec.finished(model, val_loader, device, stages.model_spec(cfg, exp))
     return final

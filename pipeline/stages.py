@@ -51,20 +51,29 @@ def prepare(cfg: DictConfig) -> int:
 
 
 def make_loaders(cfg: DictConfig, exp: Export, split: Split, device: torch.device):
-    """(train_loader, val_loader) over the export's split; train batches augmented (``transform``)."""
+    """(train_loader, val_loader) over the export's split; each sample transformed (``transform``: train
+    augmentation, resizing) where its batch is read."""
     from pipeline.training.loading import build_loader
-    from pipeline.training.transforms import FlipCrop
+    from pipeline.training.transforms import from_config
 
     seed = cfg.trainer.seed
+    train_tf, val_tf = from_config(cfg.transform, exp.spec.shape)
     train = build_loader(
         exp.dataset(split.train, cfg.storage),
         cfg.loader,
         seed=seed,
         train=True,
         device=device,
-        augment=FlipCrop.from_config(cfg.transform),
+        transform=train_tf,
     )
-    val = build_loader(exp.dataset(split.val, cfg.storage), cfg.loader, seed=seed, train=False, device=device)
+    val = build_loader(
+        exp.dataset(split.val, cfg.storage),
+        cfg.loader,
+        seed=seed,
+        train=False,
+        device=device,
+        transform=val_tf,
+    )
     return train, val
 
 
@@ -75,7 +84,18 @@ def normalization(cfg: DictConfig, exp: Export, train_set):
     return train_stats(train_set, exp.spec) if cfg.transform.normalize else None
 
 
+def model_spec(cfg: DictConfig, exp: Export):
+    """The export's sample spec with the shape the model sees (``transform.size`` resizes)."""
+    import dataclasses
+
+    from pipeline.training.transforms import from_config
+
+    train_tf, _ = from_config(cfg.transform, exp.spec.shape)
+    shape = train_tf.output_shape(exp.spec.shape) if train_tf is not None else exp.spec.shape
+    return dataclasses.replace(exp.spec, shape=tuple(shape))
+
+
 def make_model(cfg: DictConfig, exp: Export, stats=None) -> torch.nn.Module:
     from pipeline.training.models import build_model
 
-    return build_model(cfg.model, exp.spec, stats)
+    return build_model(cfg.model, model_spec(cfg, exp), stats)

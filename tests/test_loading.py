@@ -44,7 +44,7 @@ def test_every_sample_once_per_epoch(dataset, workers):
         train=True,
         device=torch.device("cpu"),
     )
-    assert not loader.pin_memory
+    assert not loader.pin
     for _ in range(2):
         seen = []
         for x, y in loader:

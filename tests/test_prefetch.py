@@ -90,14 +90,3 @@ def test_same_order_with_and_without_workers(tmp_path):
         orders.append([torch.cat([y for _, y in loader]) for _ in range(2)])
     for a, b in zip(*orders):
         assert torch.equal(a, b)
-
-
-def test_batched_loader_leaves_iterable_datasets_to_torch():
-    from pipeline.training.loading import BatchedLoader
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(range(10))
-
-    batches = list(BatchedLoader(Stream(), batch_size=4))
-    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

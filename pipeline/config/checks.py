@@ -108,7 +108,7 @@ def one_of(values: tuple, default: Any):
     return _field(default, Constraint(lambda v: str(v).lower() in allowed, f"one of {values}"))
 
 
-def int_list(default: list, *, length: int | None = None, valid: str):
+def int_list(default: list | None, *, length: int | None = None, valid: str, optional: bool = False):
     """A non-empty list of integers >= 1 (of exactly ``length`` items when given)."""
 
     def ok(v: Any) -> bool:
@@ -120,7 +120,7 @@ def int_list(default: list, *, length: int | None = None, valid: str):
             and all(is_int(d) and d >= 1 for d in items)
         )
 
-    return _field(default, Constraint(ok, valid))
+    return _field(default, Constraint(ok, valid, optional))
 
 
 def auto_or_at_least(minimum: int, default: Any):

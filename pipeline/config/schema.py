@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from pipeline.config.checks import (
     TRISTATE,
@@ -26,6 +26,7 @@ from pipeline.config.checks import (
     auto_or_at_least,
     constrained,
     int_list,
+    is_number,
     number,
     one_of,
     text,
@@ -56,6 +57,7 @@ class TransformName(Choice):
     none = "none"
     flip_crop = "flip_crop"
     normalize = "normalize"
+    random_resized_crop = "random_resized_crop"
 
 
 class Optimizer(Choice):
@@ -105,17 +107,40 @@ class LoaderConfig:
     drop_last: bool = False
     multiprocessing_context: StartMethod = StartMethod.auto
     thread_prefetch: int = at_least(0, 0)  # batches a background thread prepares ahead (in-process); 0 = off
+    # threads that read/decode/transform the parts of each batch side by side, in whichever process
+    # assembles it (the main process, or each worker); 0 = one (pipeline/training/handoff/assemble.py)
+    decode_threads: int = at_least(0, 0)
+
+
+def _pair_in(low: float, high: float):
+    def ok(v: Any) -> bool:
+        items = list(v) if OmegaConf.is_list(v) or isinstance(v, (list, tuple)) else None
+        return (
+            items is not None
+            and len(items) == 2
+            and all(is_number(i) and low < i <= high for i in items)
+            and items[0] <= items[1]
+        )
+
+    return ok
 
 
 @dataclass
 class TransformConfig:
-    """Train-time augmentation (batched, main process) and input normalisation (in the model)."""
+    """Per-sample train-time augmentation and resizing, where each batch is read
+    (pipeline/training/transforms.py), and input normalisation (in the model)."""
 
     name: TransformName = TransformName.none
     flip: bool = False  # random horizontal flip, p = 0.5 per sample
-    crop_padding: int = at_least(
-        0, 0
-    )  # random crop of the original size from the image padded by this many px
+    # random crop of the original size from the image zero-padded by this many pixels
+    crop_padding: int = at_least(0, 0)
+    resized_crop: bool = (
+        False  # random crop of ``scale`` x the area, aspect in ``ratio``, resized to ``size``
+    )
+    # [H, W] the model sees (train: the crop resized to it; val: the image resized); null: the stored size
+    size: Optional[List[int]] = int_list(None, length=2, valid="null or [H, W] >= 1", optional=True)
+    scale: List[float] = constrained([0.08, 1.0], _pair_in(0.0, 1.0), "[low, high] with 0 < low <= high <= 1")
+    ratio: List[float] = constrained([0.75, 4 / 3], _pair_in(0.0, 100.0), "[low, high] with 0 < low <= high")
     normalize: bool = False  # (x - mean) / std per channel, mean and std measured on the train split
 
 

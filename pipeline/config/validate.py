@@ -93,11 +93,11 @@ def _check_images(cfg: DictConfig, shape) -> None:
             "model=cnn needs images: [H, W] or [H, W, C] (use model=mlp for other shapes)",
         )
     t = OmegaConf.select(cfg, "transform")
-    if t is not None and (t.flip or t.crop_padding):
+    if t is not None and (t.flip or t.crop_padding or t.resized_crop or t.size is not None):
         raise ConfigError(
             "transform.name",
             str(t.name),
-            f"flip and crop need images, [H, W] or [H, W, C]; source.shape={list(shape)} is not one "
+            f"flip, crop and resize need images, [H, W] or [H, W, C]; source.shape={list(shape)} is not one "
             "(use transform=none or transform=normalize)",
         )
 

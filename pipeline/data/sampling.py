@@ -59,6 +59,10 @@ class BatchRequest:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(epoch={self.epoch}, positions={self.positions.tolist()})"
 
+    def part(self, a: int, b: int) -> BatchRequest:
+        """Samples ``a:b`` of this batch (decode threads read the parts of a batch side by side)."""
+        return BatchRequest(self.positions[a:b], self.epoch)
+
 
 def as_request(batch) -> BatchRequest:
     """``batch`` as a BatchRequest: itself, or plain positions (a list, an array) outside any epoch."""
@@ -109,6 +113,17 @@ class EpochBatchSampler:
     def for_rank(self, rank: int, world: int) -> EpochBatchSampler:
         """This sampler's share for torchrun rank ``rank`` of ``world``."""
         return RankBatches(self, rank, world)
+
+    replicable = True  # batches(epoch) only computes: a loader worker may replay it for its own batches
+
+    def for_worker(self, worker: int, workers: int) -> EpochBatchSampler:
+        """What loader worker ``worker`` of ``workers`` replays: batches w, w + W, ... of every epoch."""
+        return RankBatches(self, worker, workers)
+
+    def next_epoch(self) -> int:
+        """The epoch of the pass that starts now (the epoch then advances, as a pass over it does)."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return epoch
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
@@ -190,6 +205,9 @@ class ReadAhead(EpochBatchSampler):
 
     def for_rank(self, rank: int, world: int) -> ReadAhead:
         return ReadAhead(self.inner.for_rank(rank, world), self.advise)
+
+    def for_worker(self, worker: int, workers: int) -> ReadAhead:
+        return ReadAhead(self.inner.for_worker(worker, workers), self.advise)  # each asks for its own
 
     def order(self, epoch: int) -> np.ndarray:
         return self.inner.order(epoch)  # without advising the kernel of every batch

@@ -1,26 +1,34 @@
 """Load stage: loaders over the exported train and val ids, built from the ``loader`` config.
 
     from pipeline.training.loading import build_loader
-    train_loader = build_loader(train_ds, cfg.loader, seed=cfg.trainer.seed, train=True, device=dev)
+    train_loader = build_loader(train_ds, cfg.loader, seed=cfg.trainer.seed, train=True, device=dev,
+                                transform=train_tf)
     for x, y in train_loader: ...              # one epoch per pass
     train_loader.set_epoch(3)                  # the next pass is epoch 3's (resume)
     train_loader.batch_size, train_loader.drop_last, train_loader.num_samples   # this rank's, per epoch
 
-``build_loader`` returns an ``EpochLoader``: a DataLoader over the dataset's own batches plus what an epoch
-needs around it. A storage format's dataset (``BatchedDataset``, pipeline/data/storage/base.py) gives its
-batch sampler (pipeline/data/sampling.py) and reads whole batches; any other map-style Dataset is read item
-by item in ``EpochShuffle``'s order. Either way epoch e's batches are a function of (trainer seed, e) only,
-whatever ``num_workers``/``persistent_workers``/``thread_prefetch`` are; under torchrun each rank takes its
+``build_loader`` returns an ``EpochLoader``. A storage format's dataset (``BatchedDataset``,
+pipeline/data/storage/base.py) gives its batch sampler (pipeline/data/sampling.py), and each batch is
+assembled by pipeline/training/handoff/ (the dataset's read on ``loader.decode_threads`` threads, then the
+per-sample ``transform``):
+
+- with ``loader.num_workers=0``, in this process: a plain loop over the sampler's batches (the stock
+  single-process iterator's bookkeeping costs a large share of a cheap batch);
+- with workers, in the project's own loader workers (pipeline/training/handoff/pool.py: torch's worker
+  machinery alone costs more per batch than a cheap batch), each batch straight into a slot of the worker's
+  ring of shared memory (allocated once, page-locked once on CUDA), which crosses to this process as a few
+  integers; the batch's tensors view the slot until they are garbage (pipeline/training/handoff/slots.py).
+
+Any other map-style Dataset is read item by item in ``EpochShuffle``'s order by a stock DataLoader. Either
+way epoch e's batches are a function of (trainer seed, e) only, whatever ``num_workers``,
+``decode_threads``, ``persistent_workers`` or ``thread_prefetch`` are; under torchrun each rank takes its
 share (``for_rank``). Worker seeds come from a ``torch.Generator`` seeded from the trainer seed, and each
 worker seeds numpy and ``random`` from its torch seed. ``prefetch_factor`` and ``persistent_workers`` are
 passed only with workers (DataLoader rejects them otherwise); ``pin_memory=auto`` pins only when training
 on CUDA; ``multiprocessing_context=auto`` forks where the platform can (launchers such as joblib change the
 default start method to one DataLoader workers cannot use). A worker that dies:
-pipeline/training/workers.py.
-
-``augment`` (train loaders only; pipeline.training.transforms) transforms each batch in this process,
-seeded per (seed, epoch, batch, rank). ``loader.thread_prefetch > 0`` runs the loader in a background
-thread that prepares that many batches ahead, augmentation included (pipeline.training.prefetch).
+pipeline/training/workers.py. ``loader.thread_prefetch > 0`` runs the loader in a background thread that
+prepares that many batches ahead (pipeline.training.prefetch).
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.sampling import EpochShuffle
 from pipeline.data.storage.base import BatchedDataset
-from pipeline.seeds import derive_seed
 from pipeline.training import distributed
+from pipeline.training.handoff.assemble import Assembler
+from pipeline.training.handoff.pool import WorkerPool
+from pipeline.training.handoff.slots import SlotRings
 from pipeline.training.prefetch import ThreadPrefetcher
 
 
@@ -49,7 +59,7 @@ def _pin_memory(setting, device: torch.device) -> bool:
     setting = str(setting).lower()
     if setting == "auto":
         return device.type == "cuda"
-    return setting == "true"
+    return setting == "true" and torch.cuda.is_available()
 
 
 def _mp_context(setting: str):
@@ -58,70 +68,43 @@ def _mp_context(setting: str):
     return setting
 
 
-def pinned(batch):
-    """``batch`` (tensors, possibly in tuples, lists or dicts) in page-locked memory."""
-    if isinstance(batch, torch.Tensor):
-        return batch.pin_memory()
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(pinned(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: pinned(v) for k, v in batch.items()}
-    return batch
-
-
-class BatchedLoader(DataLoader):
-    """A DataLoader that, without workers, fetches each batch of a ``BatchedDataset`` with a plain loop.
-
-    The stock single-process iterator spends tens of microseconds per batch on bookkeeping (a profiler
-    record_function, tracing checks), a large share of a small memmap batch's cost. This loop does what its
-    fetcher does -- ``__getitems__``, then ``collate_fn``, then pinning if asked -- in the batch sampler's
-    order. With workers, or for any other dataset, it is the stock DataLoader."""
-
-    def __iter__(self):
-        if self.num_workers > 0 or not isinstance(self.dataset, BatchedDataset):
-            return super().__iter__()
-        return self._direct()
-
-    def _direct(self):
-        dataset, collate, pin = self.dataset, self.collate_fn, self.pin_memory
-        for request in self.batch_sampler:
-            batch = collate(dataset.__getitems__(request))
-            yield pinned(batch) if pin else batch
-
-
 class EpochLoader:
-    """One epoch of batches per pass over ``dataloader`` (module docstring); ``sampler`` is its epoch
-    sampler (a batch sampler, or ``EpochShuffle``)."""
+    """One epoch of batches per pass (module docstring). ``sampler`` is the epoch sampler (a batch sampler,
+    or ``EpochShuffle``); ``assembler`` is None for a plain Dataset (read by the stock ``dataloader``)."""
 
-    def __init__(self, dataloader: DataLoader, sampler, *, seed: int, augment=None, prefetch: int = 0):
-        self.dataloader, self.sampler = dataloader, sampler
-        self.augment, self.seed, self.prefetch = augment, int(seed), int(prefetch)
-        self.rank = distributed.rank()
-        self.epoch = 0
-
-    @property
-    def dataset(self):
-        return self.dataloader.dataset
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.dataloader.generator
+    def __init__(
+        self,
+        dataset,
+        sampler,
+        *,
+        generator: torch.Generator,
+        pin: bool,
+        prefetch: int = 0,
+        dataloader: DataLoader | None = None,
+        assembler: Assembler | None = None,
+        workers: int = 0,
+        prefetch_factor: int = 2,
+        persistent: bool = False,
+        context: str | None = None,
+    ) -> None:
+        self.dataset, self.sampler, self.dataloader, self.assembler = dataset, sampler, dataloader, assembler
+        self.generator, self.pin, self.prefetch = generator, bool(pin), int(prefetch)
+        self.workers, self.prefetch_factor = int(workers), int(prefetch_factor)
+        self.persistent, self.context = bool(persistent), context
+        self.rings: SlotRings | None = None
+        self.pool: WorkerPool | None = None
 
     @property
     def num_workers(self) -> int:
-        return self.dataloader.num_workers
-
-    @property
-    def pin_memory(self) -> bool:
-        return self.dataloader.pin_memory
+        return self.dataloader.num_workers if self.dataloader is not None else self.workers
 
     @property
     def batch_size(self) -> int:
-        return self.dataloader.batch_size or self.sampler.batch_size
+        return self.sampler.batch_size if self.assembler is not None else self.dataloader.batch_size
 
     @property
     def drop_last(self) -> bool:
-        return bool(self.dataloader.drop_last if self.dataloader.batch_size else self.sampler.drop_last)
+        return bool(self.sampler.drop_last if self.assembler is not None else self.dataloader.drop_last)
 
     @property
     def num_samples(self) -> int:
@@ -129,55 +112,110 @@ class EpochLoader:
         return self.sampler.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataloader)
+        return len(self.sampler) if self.assembler is not None else len(self.dataloader)
 
-    def _augmented(self, epoch: int):
-        for b, (x, y) in enumerate(self.dataloader):
-            g = torch.Generator()
-            g.manual_seed(derive_seed(self.seed, "augment", epoch, b, self.rank))
-            yield self.augment(x, g), y
+    def _in_process(self):
+        """0 workers: each batch assembled here, in the sampler's order."""
+        asm, pin = self.assembler, self.pin
+        for request in self.sampler:
+            x, y = asm.empty(len(request))
+            asm.fill(request, x, y)
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+            yield (xt.pin_memory(), yt.pin_memory()) if pin else (xt, yt)
+
+    def _pool(self) -> WorkerPool:
+        """The rings are allocated once, before the workers first start; the workers start per pass, or once
+        (``persistent_workers``)."""
+        if self.rings is None:
+            slots = self.prefetch_factor + self.prefetch + 2
+            asm = self.assembler
+            self.rings = SlotRings(self.workers, slots, asm.shape, asm.dtype, self.sampler.batch_size)
+            if self.pin:
+                self.rings.pin()
+        if self.pool is None:
+            self.pool = WorkerPool(
+                self.assembler, self.rings, self.sampler, self.workers, self.prefetch_factor, self.context
+            )
+        return self.pool
+
+    def _from_workers(self):
+        """Workers' seeds come from the loader's generator each pass, as torch's DataLoader's do."""
+        pool = self._pool()
+        base = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        epoch = self.sampler.next_epoch() if pool.replicated else None  # else the pass over it advances it
+        try:
+            yield from pool.run(epoch, base)
+        finally:
+            if not self.persistent:
+                pool.close()
+
+    def close(self) -> None:
+        """End the loader's worker processes (they end with the process anyway)."""
+        if self.pool is not None:
+            self.pool.close()
 
     def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        batches = self._augmented(epoch) if self.augment is not None else self.dataloader
+        if self.assembler is None:
+            batches = iter(self.dataloader)
+        elif self.workers > 0:
+            batches = self._from_workers()
+        else:
+            batches = self._in_process()
         if self.prefetch > 0:
             return iter(ThreadPrefetcher(batches, self.prefetch))
-        return iter(batches)
+        return batches
 
 
-def build_loader(dataset, cfg, *, seed: int, train: bool, device: torch.device, augment=None) -> EpochLoader:
+def build_loader(
+    dataset, cfg, *, seed: int, train: bool, device: torch.device, transform=None
+) -> EpochLoader:
     generator = torch.Generator()
     generator.manual_seed(int(seed) + (0 if train else 1))
     shuffle = bool(cfg.shuffle) if train else False
     drop_last = bool(cfg.drop_last) if train else False
-    if isinstance(dataset, BatchedDataset):
-        sampler = dataset.batch_sampler(cfg.batch_size, shuffle, drop_last, seed)
-        if distributed.active():  # under torchrun: this rank's share
-            sampler = sampler.for_rank(distributed.rank(), distributed.world_size())
-        kwargs = dict(batch_sampler=sampler, collate_fn=dataset.collate_fn)
-        if cfg.num_workers > 0:
-            dataset.share_with_workers(cfg.num_workers)
-    else:
-        sampler = EpochShuffle(len(dataset), seed, shuffle)
-        if distributed.active():
-            sampler = sampler.for_rank(distributed.rank(), distributed.world_size())
-        kwargs = dict(batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last)
-    kwargs.update(
-        num_workers=cfg.num_workers,
-        pin_memory=_pin_memory(cfg.pin_memory, device),
-        worker_init_fn=seed_worker,
-        generator=generator,
-    )
-    if cfg.num_workers > 0:
-        kwargs.update(
+    workers, pin = int(cfg.num_workers), _pin_memory(cfg.pin_memory, device)
+    prefetch = int(cfg.get("thread_prefetch", 0))
+    common = dict(num_workers=workers, worker_init_fn=seed_worker, generator=generator)
+    if workers > 0:
+        common.update(
             prefetch_factor=cfg.prefetch_factor,
             persistent_workers=bool(cfg.persistent_workers),
             multiprocessing_context=_mp_context(cfg.multiprocessing_context),
         )
-    loader = BatchedLoader(dataset, **kwargs)
-    augment = augment if train else None  # batched, in this process (inside the prefetch thread if any)
-    return EpochLoader(loader, sampler, seed=seed, augment=augment, prefetch=cfg.thread_prefetch)
+    if not isinstance(dataset, BatchedDataset):  # any map-style Dataset: item by item, torch's collate
+        sampler = EpochShuffle(len(dataset), seed, shuffle)
+        if distributed.active():
+            sampler = sampler.for_rank(distributed.rank(), distributed.world_size())
+        loader = DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, pin_memory=pin, **common
+        )
+        return EpochLoader(
+            dataset,
+            sampler,
+            dataloader=loader,
+            assembler=None,
+            generator=generator,
+            pin=pin,
+            prefetch=prefetch,
+        )
+    sampler = dataset.batch_sampler(cfg.batch_size, shuffle, drop_last, seed)
+    if distributed.active():  # under torchrun: this rank's share
+        sampler = sampler.for_rank(distributed.rank(), distributed.world_size())
+    assembler = Assembler(dataset, transform, seed, cfg.get("decode_threads", 0))
+    if workers > 0:
+        dataset.share_with_workers(workers)
+    return EpochLoader(
+        dataset,
+        sampler,
+        generator=generator,
+        pin=pin,
+        prefetch=prefetch,
+        assembler=assembler,
+        workers=workers,
+        prefetch_factor=int(cfg.prefetch_factor),
+        persistent=bool(cfg.persistent_workers),
+        context=_mp_context(cfg.multiprocessing_context),
+    )

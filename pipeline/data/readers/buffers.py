@@ -58,8 +58,11 @@ class BufferPool:
     ``shared(depth, nbytes, readers)`` (pipeline/data/storage/sharded.py allocates it): buffers and counts
     in memory that forked or spawned DataLoader workers share."""
 
-    def __init__(self, data: list[np.ndarray], issued: np.ndarray, done: np.ndarray, fixed: bool) -> None:
+    def __init__(
+        self, data: list[np.ndarray], issued: np.ndarray, done: np.ndarray, fixed: bool, owners=None
+    ) -> None:
         self.data, self.issued, self.done_count, self.fixed = list(data), issued, done, fixed
+        self.owners = owners  # shared: what owns the memory (torch shared tensors), pickled instead of it
         self.cond = threading.Condition()
 
     @classmethod
@@ -70,11 +73,17 @@ class BufferPool:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["cond"] = None
+        if self.owners is not None:  # a spawned worker maps the shared memory itself, not a copy
+            state.update(data=None, issued=None, done_count=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.cond = threading.Condition()
+        if self.owners is not None:
+            data, issued, done = self.owners
+            self.data = [d.numpy() for d in data]
+            self.issued, self.done_count = issued.numpy(), done.numpy()
 
     def __len__(self) -> int:
         return len(self.data)

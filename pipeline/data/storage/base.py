@@ -23,7 +23,8 @@ Three contracts, each a base class whose optional hooks have defaults (nothing i
   while writing) for the export's manifest.
 - ``BatchedDataset``: a map-style dataset over sample ids ``ids`` that reads whole batches:
   ``read_into(request, out)`` fills ``out`` (``len(request)`` samples of ``spec.shape`` / ``spec.dtype``)
-  with the samples at ``request.positions``; ``batch_sampler(...)`` gives the epoch's batches (an
+  with the samples at ``request.positions`` (a batch or a part of one), ``release(request)`` once a batch is
+  read (default: nothing); ``batch_sampler(...)`` gives the epoch's batches (an
   ``EpochBatchSampler``, pipeline/data/sampling.py; default: a uniform shuffle); ``share_with_workers(n)``
   allocates, before DataLoader workers start, what they share with the main process (default: nothing).
   ``__getitems__`` and ``__getitem__`` are built on ``read_into``.
@@ -40,6 +41,19 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.data.sampling import BatchRequest, EpochBatchSampler, RandomBatchSampler, as_request
+
+_READER = 0
+
+
+def set_reader(index: int) -> None:
+    """Which process reads batches from now on: 0 the main process, w + 1 loader worker w (the worker pool
+    sets it). Shared buffers count their readers by it (pipeline/data/readers/buffers.py)."""
+    global _READER
+    _READER = int(index)
+
+
+def reader_index() -> int:
+    return _READER
 
 
 class Writer:
@@ -78,8 +92,13 @@ class BatchedDataset:
         return len(self.ids)
 
     def read_into(self, request: BatchRequest, out: np.ndarray) -> None:
-        """Fill ``out[j]`` with the sample at ``request.positions[j]``."""
+        """Fill ``out[j]`` with the sample at ``request.positions[j]``. ``request`` may be a part of a
+        sampler's batch (``request.part(a, b)``): decode threads read the parts of one batch side by side."""
         raise NotImplementedError
+
+    def release(self, request: BatchRequest) -> None:
+        """Called once a whole batch of the sampler's has been read (all its parts): what it held may be
+        reused (shards' buffers). Default: nothing."""
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int) -> EpochBatchSampler:
         """The epoch's batches; the default is a uniform shuffle, each batch's positions sorted."""
@@ -98,7 +117,10 @@ class BatchedDataset:
 
         request = as_request(batch)
         out = self.empty(len(request))
-        self.read_into(request, out)
+        try:
+            self.read_into(request, out)
+        finally:
+            self.release(request)
         return torch.from_numpy(out), torch.from_numpy(self.labels[request.positions])
 
     def __getitem__(self, i: int):

@@ -46,7 +46,7 @@ from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.buffers import BufferPool, BufferStream, copy_records
 from pipeline.data.readers.files import RecordFile, runs_of
 from pipeline.data.sampling import BatchRequest, BlockShuffleBatchSampler
-from pipeline.data.storage.base import BatchedDataset
+from pipeline.data.storage.base import BatchedDataset, reader_index
 from pipeline.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,6 @@ def buffer_mode(setting, data_bytes: int) -> str:
     return setting
 
 
-def reader_index() -> int:
-    """Who is reading: 0 in the main process, w + 1 in DataLoader worker w (a buffer's reader counts)."""
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    return 0 if info is None else int(info.id) + 1
-
-
 INLINE = -1  # a BufferedBatch sample whose record the batch carries itself
 
 
@@ -178,6 +170,11 @@ class BufferedBatch(BatchRequest):
 
     def __reduce__(self):  # __slots__ classes pickle through this (to DataLoader workers)
         return (BufferedBatch, (self.positions, self.epoch, self.slots, self.loc, self.size, self.inline))
+
+    def part(self, a: int, b: int) -> BufferedBatch:
+        return BufferedBatch(
+            self.positions[a:b], self.epoch, self.slots[a:b], self.loc[a:b], self.size[a:b], self.inline
+        )
 
 
 class ShardedDataset(BatchedDataset):
@@ -226,10 +223,12 @@ class ShardedDataset(BatchedDataset):
         import torch
 
         nbytes = max(self.buffer_bytes(), 1)
-        data = [torch.empty(nbytes, dtype=torch.uint8).share_memory_().numpy() for _ in range(DEPTH)]
-        issued = torch.zeros(DEPTH, dtype=torch.int64).share_memory_().numpy()
-        done = torch.zeros((num_workers + 1, DEPTH), dtype=torch.int64).share_memory_().numpy()
-        self.stream.pool = BufferPool(data, issued, done, fixed=True)
+        data = [torch.empty(nbytes, dtype=torch.uint8).share_memory_() for _ in range(DEPTH)]
+        issued = torch.zeros(DEPTH, dtype=torch.int64).share_memory_()
+        done = torch.zeros((num_workers + 1, DEPTH), dtype=torch.int64).share_memory_()
+        views = [d.numpy() for d in data]
+        owners = (data, issued, done)
+        self.stream.pool = BufferPool(views, issued.numpy(), done.numpy(), fixed=True, owners=owners)
 
     @property
     def opened_pid(self) -> int | None:
@@ -249,17 +248,10 @@ class ShardedDataset(BatchedDataset):
 
     def read_into(self, request: BatchRequest, out: np.ndarray) -> None:
         if isinstance(request, BufferedBatch):
-            pool, reader = self.stream.pool, reader_index()
-            try:
-                for slot, a, b in runs_of(request.slots):
-                    data = request.inline if slot == INLINE else pool.data[slot]
-                    self.from_buffer(
-                        data, request.loc[a:b], request.size[a:b], request.positions[a:b], out[a:b]
-                    )
-            finally:
-                for slot in np.unique(request.slots).tolist():
-                    if slot != INLINE:
-                        pool.done(slot, reader)
+            pool = self.stream.pool
+            for slot, a, b in runs_of(request.slots):
+                data = request.inline if slot == INLINE else pool.data[slot]
+                self.from_buffer(data, request.loc[a:b], request.size[a:b], request.positions[a:b], out[a:b])
             return
         positions = request.positions
         slots = self.slot[positions]
@@ -270,6 +262,14 @@ class ShardedDataset(BatchedDataset):
         tmp = np.empty_like(out)
         self.from_files(positions[order], tmp)
         out[order] = tmp
+
+    def release(self, request: BatchRequest) -> None:
+        """A buffered batch is read: the buffers it held may be reused (by this reader's count)."""
+        if isinstance(request, BufferedBatch):
+            reader = reader_index()
+            for slot in np.unique(request.slots).tolist():
+                if slot != INLINE:
+                    self.stream.pool.done(slot, reader)
 
     def batch_sampler(self, batch_size: int, shuffle: bool, drop_last: bool, seed: int):
         return ShardBatches(
@@ -293,6 +293,11 @@ class ShardBatches(BlockShuffleBatchSampler):
     def __init__(self, *args, stream: BufferStream, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.stream = stream
+
+    @property
+    def replicable(self) -> bool:
+        """Mapped buffers are read by whoever reads a batch; memory ones by this process's reader thread."""
+        return self.stream.mode == "mapped"
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's positions in batch order, computed (``batches`` reads the buffers)."""
