@@ -9,7 +9,7 @@ is recorded about each stage lives in pipeline/tracking/recorder.py.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -45,6 +45,11 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
     rec.threads(stages.prepare(cfg))
     rec.loading(device)
     train_loader, val_loader = stages.make_loaders(cfg, exp, split, device)
+    with closing(train_loader), closing(val_loader):  # their worker processes end with the job
+        return _train(cfg, rec, resume, device, exp, train_loader, val_loader)
+
+
+def _train(cfg: DictConfig, rec: JobRecorder, resume, device, exp, train_loader, val_loader) -> dict:
     rec.loaders_built()
 
     stats = stages.normalization(cfg, exp, train_loader.dataset)

@@ -63,6 +63,16 @@ def _isolated_env(request, monkeypatch, tmp_path):
         copy_store(request.getfixturevalue("mlflow_template"), tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_loader_workers_left():
+    """Loader worker processes a test left running (a loader never closed, persistent workers) end with
+    the test, so they do not count in the next test's processes or memory."""
+    yield
+    from pipeline.training.handoff.pool import close_all
+
+    close_all()
+
+
 @pytest.fixture(scope="session")
 def mlflow_template() -> Path:
     """An empty MLflow SQLite store with MLflow's schema in place, made once per MLflow version on this

@@ -25,19 +25,15 @@ def test_codecs_bench_prints_every_codec_beside_pillow(capsys):
     assert all(r[-1] == "True" for r in ours.values())  # the same pixels as Pillow
 
 
-def test_augment_bench_prints_each_placement_against_none(tmp_path):
+def test_augment_bench_prints_each_setting_against_none(tmp_path):
     args = ["--num-samples", "300", "--passes", "1", "--data-dir", str(tmp_path / "data")]
     proc = run_command(tmp_path, [sys.executable, "-m", "benchmarks.augment", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [
-        line.split()
-        for line in proc.stdout.splitlines()
-        if line.split()[:1] in (["none"], ["main"], ["workers"])
+        line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["none"], ["flip_crop"])
     ]
     assert {(r[0], r[1], r[2]) for r in rows} == {
-        (where, w, p)
-        for where in ("none", "main", "workers")
-        for w, p in (("0", "0"), ("0", "4"), ("2", "0"))
+        (where, w, t) for where in ("none", "flip_crop") for w, t in (("0", "0"), ("0", "2"), ("2", "0"))
     }
     assert all(r[4] == "1.00x" for r in rows if r[0] == "none")
     assert "the op alone" in proc.stdout

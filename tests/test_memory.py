@@ -104,14 +104,18 @@ def _worker_uss_per_epoch(dataset, epochs: int = 3) -> list[float]:
     cfg = LoaderConfig(
         num_workers=2, pin_memory="false", persistent_workers=True, multiprocessing_context="fork"
     )
+    import psutil
+
+    earlier = {c.pid for c in psutil.Process().children()}  # another test's loader, not yet collected
     loader = build_loader(dataset, cfg, seed=0, train=True, device=torch.device("cpu"))
     out = []
     for _ in range(epochs):
         for _batch in loader:
             pass
-        s = snapshot()
-        assert s.workers == 2
-        out.append(s.uss_workers_mb)
+        workers = [c for c in psutil.Process().children() if c.pid not in earlier]
+        assert len(workers) == 2
+        out.append(sum(c.memory_full_info().uss for c in workers) / 2**20)
+    loader.close()
     return out
 
 

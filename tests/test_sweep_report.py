@@ -29,16 +29,16 @@ from pipeline.training.threads import apply_torch_threads, auto_threads
 from tests.conftest import CONF_DIR, compose_cfg, sqlite_uri
 
 
-def _row(run_id, bs, nw, storage, sps, status="FINISHED", peak=300.0):
+def _row(run_id, bs, nw, storage, sps, status="FINISHED", peak=300.0, threads="0", wait=0.25):
     overrides = {"trainer.epochs": "1", "loader.batch_size": bs, "loader.num_workers": nw, "storage": storage}
     metrics = {
         "perf/train_samples_per_s": sps,
         "perf/epoch_seconds": 1000 / sps,
-        "perf/data_wait_fraction": 0.25,
+        "perf/data_wait_fraction": wait,
         "val/accuracy": 0.9,
         "memory/peak_used_mb": peak,
     }
-    axes = {"batch_size": bs, "num_workers": nw, "storage": storage}
+    axes = {"batch_size": bs, "num_workers": nw, "storage": storage, "decode_threads": threads}
     return Row(run_id, f"run-{run_id}", status, overrides, axes, metrics)
 
 
@@ -208,7 +208,25 @@ def test_worker_scaling_table_per_storage_and_batch_size():
     assert "| encoded | 64 | 100 | 190 (1.90x) |" in lines
     assert "| memmap | 64 | 1,000 | 500 (0.50x) |" in lines
     assert make_report("p", rows[:1], "val/accuracy").worker_scaling() == []  # one worker count: no table
-    assert "by DataLoader workers" in make_report("p", rows, "val/accuracy").markdown()
+    assert "by loader workers and decode threads" in make_report("p", rows, "val/accuracy").markdown()
+
+
+def test_worker_scaling_counts_decode_threads_and_says_which_setting_won_and_why():
+    rows = [
+        _row("a", "64", "0", "encoded", 100.0, wait=0.6),
+        _row("b", "64", "2", "encoded", 170.0, wait=0.1),
+        _row("c", "64", "0", "encoded", 160.0, threads="2", wait=0.2),
+        _row("d", "64", "0", "shards", 5000.0, wait=0.03),
+        _row("e", "64", "2", "shards", 4900.0, wait=0.02),
+    ]
+    lines = make_report("p", rows, "perf/train_samples_per_s").worker_scaling()
+    assert lines[2] == "| storage | batch size | 0 workers | 0 workers, 2 threads | 2 workers |"
+    assert "| encoded | 64 | 100 | 160 (1.60x) | 170 (1.70x) |" in lines
+    verdicts = [line for line in lines if line.startswith("- ")]
+    assert verdicts[0].startswith("- encoded, batch 64: 2 workers won (170 samples/s, 1.70x 0 workers)")
+    assert "waited 60% of the epoch for data (decoding was the bottleneck), with 2 workers 10%" in verdicts[0]
+    assert verdicts[1].startswith("- shards, batch 64: 0 workers won (5,000 samples/s)")
+    assert "waited 3% of the epoch for data, so the model, not the data, bounds the epoch" in verdicts[1]
 
 
 def test_auto_threads_split_cores_between_parallel_jobs():

@@ -2,7 +2,8 @@
 
     from pipeline.bench.conditions import Passes
     with Passes(make_loader, cache="cold", memory_limit_mb=512, drop=[export_root]) as passes:
-        p = passes.run()          # one full pass: p.samples, p.seconds, p.disk_bytes, p.first_batch_ms
+        p = passes.run()          # one full pass: p.samples, p.seconds, p.disk_bytes, p.first_batch_ms,
+                                  # p.samples_per_s (whole pass), p.steady_samples_per_s (after the 1st batch)
     passes.limit_applied_mb, passes.cgroup_peak_mb
 
 - ``cache="warm"``: one loader for every pass, as training iterates it; the bench runs a warm-up pass
@@ -48,10 +49,18 @@ class Pass:
     seconds: float
     disk_bytes: int
     first_batch_ms: float
+    first_samples: int = 0  # the first batch's
 
     @property
     def samples_per_s(self) -> float:
+        """The whole pass, start-up (workers starting, the first read) included."""
         return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """After the first batch: what a pass delivers once started (a long epoch's rate)."""
+        rest = self.seconds - self.first_batch_ms / 1e3
+        return (self.samples - self.first_samples) / rest if rest > 0 else self.samples_per_s
 
 
 class Passes:
@@ -111,4 +120,4 @@ class Passes:
         finally:
             if self.cgroup is not None:
                 self.cgroup.move_out()
-        return Pass(n, seconds, disk, first_ms)
+        return Pass(n, seconds, disk, first_ms, len(first[1]) if first is not None else 0)

@@ -2,15 +2,19 @@
 
     python -m pipeline.bench                                     # conf/bench.yaml: LFW-shaped data
     python -m pipeline.bench bench.num_workers=[0,2] bench.thread_prefetch=[0,4] bench.batch_sizes=[64,256]
+    python -m pipeline.bench 'bench.num_workers=[0,2]' 'bench.decode_threads=[0,2]' 'bench.storages=[encoded]'
     python -m pipeline.bench storage=shards storage.shard_size_mb=8 storage.shuffle_buffer_shards=2
     python -m pipeline.bench -m source.num_samples=13233,100000  # a Hydra sweep: one bench per point
     python -m pipeline.bench bench.cache=cold bench.memory_limit_mb=512 source.num_samples=100000
 
 For the source, every storage format in ``bench.storages`` x num_workers x batch size x thread
-prefetch depth is exported once (reused from ``paths.data_dir``), then its train-split DataLoader
-(built by pipeline.training.loading exactly as training builds it) is read for one warm-up pass and then
-timed passes (at least ``bench.min_passes`` and ``bench.min_seconds``; rates are medians over
-passes). Two baselines run in the same process: the classic per-sample ``pt`` format (0 workers, no
+prefetch depth x decode threads is exported once (reused from ``paths.data_dir``), then its train-split
+loader (built by pipeline.training.loading exactly as training builds it) is read for one warm-up pass and
+then timed passes (at least ``bench.min_passes`` and ``bench.min_seconds``; rates are medians over
+passes). ``samples_per_s`` is each pass's steady rate, after its first batch (``first_batch_ms`` holds
+the start-up: workers starting, the first read), so a small data set does not make workers look slow;
+``pass_samples_per_s`` is the whole pass's. Two baselines run in the same process: the classic per-sample
+``pt`` format (0 workers, no
 prefetch, same batch size) and ``numpy_ram``, a plain gather of the same kind of batches from an
 in-RAM numpy array with no DataLoader (the practical ceiling). Each timed pass is paired with a pass
 of that gather, and ``ratio_vs_ram`` divides by the paired passes' median, so a load spike on a
@@ -102,10 +106,12 @@ def measure(passes: Passes, ram: RamGather | None, b, held_mb: float = 0.0, samp
     with MemorySampler(interval_s=0.1) as memory:
         first_ms = None if passes.cold else passes.run().first_batch_ms  # warm: the warm-up pass
         seconds = 0.0
+        whole = []
         while len(rates) < b.max_passes and (len(rates) < b.min_passes or seconds < b.min_seconds):
             p = passes.run()
             first_ms = p.first_batch_ms if first_ms is None else first_ms
-            rates.append(p.samples_per_s)
+            rates.append(p.steady_samples_per_s)
+            whole.append(p.samples_per_s)
             seconds += p.seconds
             disk, delivered = disk + p.disk_bytes, delivered + p.samples * sample_bytes
             if ram is not None:
@@ -114,6 +120,7 @@ def measure(passes: Passes, ram: RamGather | None, b, held_mb: float = 0.0, samp
     sps = float(np.median(rates))
     return {
         "samples_per_s": sps,
+        "pass_samples_per_s": float(np.median(whole)),
         "ratio_vs_ram": sps / float(np.median(ram_rates)) if ram is not None else 1.0,
         "first_batch_ms": first_ms,
         "passes": len(rates),
@@ -186,18 +193,24 @@ def run_bench(cfg: DictConfig, tr: TrackedRun | None = None) -> list[dict]:
             x, y = ram_train_set(cfg.source, split.train)
             held_mb = (x.nbytes + y.nbytes) / MB
             rams = {bs: RamGather(x, y, bs, b.seed) for bs in b.batch_sizes}
-        grid = list(itertools.product(b.num_workers, b.batch_sizes, b.thread_prefetch))
+        grid = list(itertools.product(b.num_workers, b.batch_sizes, b.thread_prefetch, b.decode_threads))
         if name == "pt":  # the classic recipe's baseline point per batch size, plus the grid if asked
-            baseline = [(0, bs, 0) for bs in b.batch_sizes]
+            baseline = [(0, bs, 0, 0) for bs in b.batch_sizes]
             grid = list(dict.fromkeys(baseline + (grid if "pt" in b.storages else [])))
-        for workers, batch_size, prefetch in grid:
-            point = {"num_workers": workers, "batch_size": batch_size, "thread_prefetch": prefetch}
+        for workers, batch_size, prefetch, threads in grid:
+            point = {
+                "num_workers": workers,
+                "batch_size": batch_size,
+                "thread_prefetch": prefetch,
+                "decode_threads": threads,
+            }
             loader_cfg = OmegaConf.merge(cfg.loader, {**point, "shuffle": True})
 
             def make(loader_cfg=loader_cfg, exp=exp, scfg=scfg, ids=split.train):  # a fresh Dataset each time
                 return build_loader(exp.dataset(ids, scfg), loader_cfg, seed=b.seed, train=True, device=CPU)
 
             row = {"storage": name, "num_workers": workers, "batch_size": batch_size, "prefetch": prefetch}
+            row["decode_threads"] = threads
             with Passes(make, b.cache, b.memory_limit_mb, drop=[exp.root]) as passes:
                 row.update(measure(passes, rams[batch_size], b, held_mb, stored))
             row["memory_limit_mb"] = passes.limit_applied_mb
@@ -209,7 +222,7 @@ def run_bench(cfg: DictConfig, tr: TrackedRun | None = None) -> list[dict]:
             rows.append(row)
             log.info("bench: %s", describe(row))
     for batch_size, ram in rams.items():
-        row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0}
+        row = {"storage": RAM, "num_workers": 0, "batch_size": batch_size, "prefetch": 0, "decode_threads": 0}
         row["bytes_per_sample"] = row["sample_bytes"] = x[0].nbytes  # in memory, not on disk
         row.update(measure(Passes(lambda ram=ram: ram), None, b, 0.0, x[0].nbytes))  # in RAM: warm, uncapped
         row["shuffle_quality"] = shuffle_quality(epoch_order(ram))

@@ -18,7 +18,9 @@ COLUMNS = [
     "num_workers",
     "batch_size",
     "prefetch",
+    "decode_threads",
     "samples_per_s",
+    "pass_samples_per_s",
     "mb_per_s",
     "bytes_per_sample",
     "peak_used_mb",
@@ -43,7 +45,8 @@ COLUMNS = [
 def label(row: dict) -> str:
     if row["storage"] == RAM:
         return f"{RAM} b{row['batch_size']}"
-    return f"{row['storage']} w{row['num_workers']} b{row['batch_size']} p{row['prefetch']}"
+    threads = f" t{row['decode_threads']}" if row.get("decode_threads") else ""
+    return f"{row['storage']} w{row['num_workers']} b{row['batch_size']} p{row['prefetch']}{threads}"
 
 
 def describe(row: dict) -> str:
@@ -66,6 +69,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 TABLE = [  # header, width, format
     ("samples/s", 11, "{samples_per_s:,.0f}"),
+    ("w/ start", 10, "{pass_samples_per_s:,.0f}"),
     ("MB/s", 7, "{mb_per_s:,.0f}"),
     ("B/sample", 8, "{bytes_per_sample:,.0f}"),
     ("vs pt", 8, "{ratio_vs_pt:.1f}x"),

@@ -56,6 +56,7 @@ class BenchOptions:
     num_workers: List[int] = field(default_factory=lambda: [0])
     batch_sizes: List[int] = field(default_factory=lambda: [64])
     thread_prefetch: List[int] = field(default_factory=lambda: [0])
+    decode_threads: List[int] = field(default_factory=lambda: [0])  # loader.decode_threads per point
     min_passes: int = 2  # timed passes over the train split (after one warm-up pass), at least
     min_seconds: float = 1.0  # ... and at least this long in total
     max_passes: int = 100
@@ -104,7 +105,12 @@ def validate(cfg: DictConfig) -> None:
     b = cfg.bench
     for name in b.storages:
         _check(name in FORMATS, "bench.storages", list(b.storages), f"names from {sorted(FORMATS)}")
-    for key, minimum in (("num_workers", 0), ("batch_sizes", 1), ("thread_prefetch", 0)):
+    for key, minimum in (
+        ("num_workers", 0),
+        ("batch_sizes", 1),
+        ("thread_prefetch", 0),
+        ("decode_threads", 0),
+    ):
         vals = list(b[key])
         _check(
             len(vals) >= 1 and all(_is_int(v) and v >= minimum for v in vals),

@@ -103,7 +103,7 @@ class LoaderConfig:
     num_workers: int = at_least(0, 0)
     pin_memory: str = one_of(TRISTATE, "auto")  # auto (only with CUDA) | true | false
     prefetch_factor: int = at_least(1, 2)  # passed only when num_workers > 0
-    persistent_workers: bool = False  # passed only when num_workers > 0
+    persistent_workers: bool = True  # workers started once per loader, not per epoch (with num_workers > 0)
     drop_last: bool = False
     multiprocessing_context: StartMethod = StartMethod.auto
     thread_prefetch: int = at_least(0, 0)  # batches a background thread prepares ahead (in-process); 0 = off

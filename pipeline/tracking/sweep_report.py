@@ -43,7 +43,13 @@ COLUMNS = (
     "val/accuracy",
     "memory/peak_used_mb",
 )
-AXES = {"batch_size": "loader.batch_size", "num_workers": "loader.num_workers", "storage": "storage.name"}
+AXES = {
+    "batch_size": "loader.batch_size",
+    "num_workers": "loader.num_workers",
+    "decode_threads": "loader.decode_threads",
+    "storage": "storage.name",
+}
+WAIT = "perf/data_wait_fraction"
 CSV_NAME, MD_NAME = "sweep_report.csv", "sweep_report.md"
 NOTE_TAG, NOTE_MAX = "mlflow.note.content", 8000  # MLflow's longest tag value
 THROUGHPUT_PNG, MEMORY_PNG = "throughput_vs_batch_size.png", "peak_memory_vs_workers.png"
@@ -108,35 +114,44 @@ class Report:
         return out
 
     def worker_scaling(self) -> list[str]:
-        """A markdown table of train samples/s per storage and batch size (rows) and num_workers
-        (columns), each against 0 workers; nothing unless the sweep ran more than one worker count."""
+        """A markdown table of train samples/s per storage and batch size (rows) and loader parallelism --
+        workers x decode threads -- (columns), each against 0 workers and 1 thread, then a verdict per row:
+        which setting won and why; nothing unless the sweep ran more than one parallel setting."""
         cells: dict = defaultdict(lambda: defaultdict(list))
+        waits: dict = defaultdict(lambda: defaultdict(list))
         for r in self.rows:
             v, w = r.value(THROUGHPUT), _num(r.axes.get("num_workers", ""))
+            t = _num(r.axes.get("decode_threads", "") or "0")
             if r.status == "FINISHED" and not math.isnan(v) and not math.isnan(w):
-                cells[(r.axes.get("storage", ""), r.axes.get("batch_size", ""))][int(w)].append(v)
-        workers = sorted({w for by_w in cells.values() for w in by_w})
-        if len(workers) < 2:
+                key = (r.axes.get("storage", ""), r.axes.get("batch_size", ""))
+                cells[key][(int(w), int(t))].append(v)
+                waits[key][(int(w), int(t))].append(r.value(WAIT))
+        settings = sorted({p for by_p in cells.values() for p in by_p})
+        if len(settings) < 2:
             return []
         lines = [
-            "Train samples/s by DataLoader workers (mean of the runs at a point; x: against 0 workers):",
+            "Train samples/s by loader workers and decode threads (mean of the runs at a point; x: against 0 "
+            "workers, 1 thread):",
             "",
-            "| storage | batch size | " + " | ".join(f"{w} workers" for w in workers) + " |",
-            "|" + "---|" * (2 + len(workers)),
+            "| storage | batch size | " + " | ".join(_setting(p) for p in settings) + " |",
+            "|" + "---|" * (2 + len(settings)),
         ]
-        for (storage, bs), by_w in sorted(cells.items(), key=lambda kv: (kv[0][0], _num(kv[0][1]))):
-            mean = {w: sum(v) / len(v) for w, v in by_w.items()}
-            base = mean.get(0)
+        verdicts = []
+        for key, by_p in sorted(cells.items(), key=lambda kv: (kv[0][0], _num(kv[0][1]))):
+            mean = {p: sum(v) / len(v) for p, v in by_p.items()}
+            wait = {p: _mean(v) for p, v in waits[key].items()}
+            base = mean.get((0, 0))
             row = []
-            for w in workers:
-                if w not in mean:
+            for p in settings:
+                if p not in mean:
                     row.append("")
-                elif base and w != 0:
-                    row.append(f"{mean[w]:,.0f} ({mean[w] / base:.2f}x)")
+                elif base and p != (0, 0):
+                    row.append(f"{mean[p]:,.0f} ({mean[p] / base:.2f}x)")
                 else:
-                    row.append(f"{mean[w]:,.0f}")
-            lines.append(f"| {storage} | {bs} | " + " | ".join(row) + " |")
-        return [*lines, ""]
+                    row.append(f"{mean[p]:,.0f}")
+            lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(row) + " |")
+            verdicts.append(_verdict(key, mean, wait))
+        return [*lines, "", *verdicts, ""]
 
     def table(self, max_rows: int | None = None) -> list[str]:
         head = self.header()
@@ -237,6 +252,45 @@ def make_report(parent_run_id: str, rows: list[Row], rank_by: str) -> Report:
         return (r.status != "FINISHED", math.isnan(v), metric.sort_key(v) if not math.isnan(v) else 0.0)
 
     return Report(parent_run_id, rank_by, sorted(rows, key=key), swept)
+
+
+def _setting(p: tuple[int, int]) -> str:
+    w, t = p
+    return f"{w} workers" + (f", {t} threads" if t else "")
+
+
+def _mean(values: list[float]) -> float:
+    ok = [v for v in values if not math.isnan(v)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
+def _verdict(key: tuple[str, str], mean: dict, wait: dict) -> str:
+    """Which parallel setting won for one storage and batch size, and why: how long the training step
+    waited for data with the serial loader (the bottleneck is the data when it waited long, the model when
+    it hardly waited) and with the winner."""
+    storage, bs = key
+    best = max(mean, key=mean.get)
+    serial = (0, 0)
+    decode = "decoding" if storage.startswith("encoded") else "reading"
+    where = f"{storage}, batch {bs}: "
+    if serial not in mean:
+        return (
+            f"- {where}{_setting(best)} was fastest ({mean[best]:,.0f} samples/s); no serial run to compare."
+        )
+    w0, gain = wait.get(serial, math.nan), mean[best] / mean[serial]
+    if best == serial or gain < 1.05:
+        why = (
+            f"with 0 workers the step waited {w0:.0%} of the epoch for data, so the model, not the data, "
+            "bounds the epoch: more processes or threads only compete with training for the cores"
+            if not math.isnan(w0) and w0 < 0.15
+            else f"the parallel settings did not beat it (best {_setting(best)}: {gain:.2f}x)"
+        )
+        return f"- {where}0 workers won ({mean[serial]:,.0f} samples/s): {why}."
+    won = f"{_setting(best)} won ({mean[best]:,.0f} samples/s, {gain:.2f}x 0 workers)"
+    return (
+        f"- {where}{won}: with 0 workers the step waited {w0:.0%} of the epoch for data ({decode} was the "
+        f"bottleneck), with {_setting(best)} {wait.get(best, math.nan):.0%}."
+    )
 
 
 def _num(text: str) -> float:

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import weakref
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from pipeline.data.sampling import EpochShuffle
@@ -139,6 +141,7 @@ class EpochLoader:
             self.pool = WorkerPool(
                 self.assembler, self.rings, self.sampler, self.workers, self.prefetch_factor, self.context
             )
+            weakref.finalize(self, self.pool.close)  # persistent workers end with their loader
         return self.pool
 
     def _from_workers(self):
@@ -172,6 +175,8 @@ class EpochLoader:
 def build_loader(
     dataset, cfg, *, seed: int, train: bool, device: torch.device, transform=None
 ) -> EpochLoader:
+    if not OmegaConf.is_config(cfg):  # a LoaderConfig built in code
+        cfg = OmegaConf.structured(cfg)
     generator = torch.Generator()
     generator.manual_seed(int(seed) + (0 if train else 1))
     shuffle = bool(cfg.shuffle) if train else False

@@ -34,10 +34,12 @@ consumer leaves early ends the workers; the next pass starts new ones.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pickle
 import signal
 import traceback
+import weakref
 from multiprocessing.connection import wait
 
 import numpy as np
@@ -49,6 +51,18 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a wait for a batch also checks that the worker is alive
 BY_PIPE, FAILED = -1, -2  # mailbox entries other than a slot number
+
+
+_POOLS: weakref.WeakSet = weakref.WeakSet()  # every pool of this process with workers running
+
+
+def close_all() -> None:
+    """End every loader worker process of this process (at exit; a test's teardown)."""
+    for pool in list(_POOLS):
+        pool.close()
+
+
+atexit.register(close_all)
 
 
 class WorkerError(RuntimeError):
@@ -205,6 +219,7 @@ class WorkerPool:
             self.credit.append(credit)
             self.mailboxes.append(mailbox.numpy())
             self.taken.append(0)
+        _POOLS.add(self)
 
     def _died(self, w: int):
         from pipeline.training.workers import WorkerDied
@@ -307,3 +322,4 @@ class WorkerPool:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns, self.ready, self.credit, self.mailboxes, self.taken = [], [], [], [], [], []
+        _POOLS.discard(self)

@@ -59,9 +59,9 @@ class SlotRings:
 
         self.workers, self.slots, self.batch_size = int(workers), int(slots), int(batch_size)
         self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
-        self.x_bytes = _align(
-            self.batch_size * int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        )
+        self.sample_elems = int(np.prod(self.shape, dtype=np.int64))
+        self.sample_bytes = self.sample_elems * self.dtype.itemsize
+        self.x_bytes = _align(self.batch_size * self.sample_bytes)
         self.slot_bytes = self.x_bytes + _align(self.batch_size * 8)
         n = self.workers * self.slots
         self.memory = torch.empty(n * self.slot_bytes, dtype=torch.uint8).share_memory_()
@@ -113,9 +113,7 @@ class SlotRings:
     def arrays(self, worker: int, slot: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Numpy views of a slot: ``n`` samples and ``n`` labels."""
         off = self.index(worker, slot) * self.slot_bytes
-        x = self.buffer[off : off + self.x_bytes].view(self.dtype)[
-            : n * int(np.prod(self.shape, dtype=np.int64))
-        ]
+        x = self.buffer[off : off + self.x_bytes].view(self.dtype)[: n * self.sample_elems]
         y = self.buffer[off + self.x_bytes : off + self.slot_bytes].view(np.int64)[:n]
         return x.reshape(n, *self.shape), y
 
@@ -147,8 +145,7 @@ class SlotRings:
         base = np.ndarray((self.slot_bytes,), dtype=np.uint8, buffer=self.buffer, offset=off)
         weakref.finalize(base, self._release, index)
         raw = torch.from_numpy(base)
-        count = n * int(np.prod(self.shape, dtype=np.int64))
-        x = raw[: count * self.dtype.itemsize].view(self.torch_dtype).view(n, *self.shape)
+        x = raw[: n * self.sample_bytes].view(self.torch_dtype).view(n, *self.shape)
         y = raw[self.x_bytes : self.x_bytes + 8 * n].view(torch.int64)
         return x, y
 
