@@ -41,9 +41,9 @@ MB = 1024 * 1024
 
 def _per_file(fmt: str) -> bool:
     from pipeline.data.storage import get_format
-    from pipeline.data.storage.per_sample import PerSampleWriter
+    from pipeline.data.storage.per_sample import PerSampleFormat
 
-    return issubclass(get_format(fmt).Writer, PerSampleWriter)
+    return isinstance(get_format(fmt), PerSampleFormat)
 
 
 def _run_one(out: Path, fmt: str, n: int, workers: int, extra: list[str]) -> dict:

@@ -67,10 +67,11 @@ def test_formats_with_their_own_batches_are_dealt_out_to_the_ranks(tmp_path, sto
 
 
 def test_drop_last_counts_what_each_rank_trained_on_also_after_resume(tmp_path):
-    """101 train samples dealt to 2 ranks as 51 + 50; batch 32 with drop_last: each rank drops its own
-    short batch, so 32 + 32 = 64 samples per epoch are trained on (not floor(101 / 32) * 32 = 96). A run
-    resumed under torchrun carries the counted figure over from its checkpoint."""
-    args = ["source=synthetic", "source.num_samples=127", "storage=npy", "loader.batch_size=32"]
+    """101 train samples in one shard, whose records shards deal to 2 ranks as 51 + 50; batch 32 with
+    drop_last: each rank drops its own short batch, so 32 + 32 = 64 samples per epoch are trained on (not
+    floor(101 / 32) * 32 = 96). A run resumed under torchrun carries the counted figure over from its
+    checkpoint."""
+    args = ["source=synthetic", "source.num_samples=127", "storage=shards", "loader.batch_size=32"]
     proc = _torchrun(tmp_path, *args, "loader.drop_last=true", "trainer.epochs=1")
     assert proc.returncode == 0, proc.stderr[-5000:]
     client = MlflowClient(sqlite_uri(tmp_path))
@@ -86,9 +87,7 @@ def test_drop_last_counts_what_each_rank_trained_on_also_after_resume(tmp_path):
 
 
 def test_rank_batches_split_every_sample_once():
-    from pipeline.data.storage.batching import RandomBatchSampler
-
-    from pipeline.training.distributed import RankBatches
+    from pipeline.data.sampling import RandomBatchSampler, RankBatches
 
     for n, bs, drop_last in [(1437, 100, False), (1437, 100, True), (10, 3, False), (4, 5, False)]:
         seen, counted = [], 0
