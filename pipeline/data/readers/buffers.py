@@ -42,7 +42,16 @@ import threading
 import numpy as np
 
 from pipeline.data.integrity import IntegrityError
-from pipeline.data.readers.files import MIB, RWF_NOWAIT, RecordFile, cached_byte, pread_exact, runs_of
+from pipeline.data.readers.files import (
+    LOCAL,
+    MIB,
+    RWF_NOWAIT,
+    ExportFiles,
+    RecordFile,
+    cached_byte,
+    pread_exact,
+    runs_of,
+)
 
 PIECE = 8 * MIB  # bytes per pread of a sequential range (pieces end on multiples of it)
 FOLIO = 2 * MIB  # the largest page-cache folio on x86-64 (PMD size)
@@ -193,10 +202,15 @@ class BufferStream:
 
     MODES = ("memory", "mapped")
 
-    def __init__(self, files: list[RecordFile], mode: str = "memory", depth: int = 2) -> None:
+    def __init__(
+        self, files: list[RecordFile], mode: str = "memory", depth: int = 2, source: ExportFiles = LOCAL
+    ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"BufferStream mode {mode!r}; valid: {self.MODES}")
+        if source.remote and mode != "memory":
+            raise ValueError("files in object storage are read into memory buffers (mode 'memory')")
         self.files, self.mode, self.depth = list(files), mode, max(1, int(depth))
+        self.source = source  # where the files are read from (the local disk, or a cache of a bucket)
         self.pool = BufferPool.private(self.depth)  # replaced by a shared pool when workers read it
         sizes = {f.record_bytes for f in self.files}
         fixed = all(f.offsets is None for f in self.files) and len(sizes) == 1
@@ -226,7 +240,12 @@ class BufferStream:
             entry = self._maps.get(f)
             if entry is None:
                 rf = self.files[f]
-                with open(rf.path, "rb") as fh:
+                local = self.source.open(rf.path)  # the map stays readable after the source lets it go
+                try:
+                    fh = open(local, "rb")
+                finally:
+                    self.source.close(rf.path)
+                with fh:
                     size = os.fstat(fh.fileno()).st_size
                     end = int(rf.spans(np.array([rf.count - 1]))[1][0]) if rf.count else rf.offset
                     if size < end:
@@ -313,8 +332,7 @@ class BufferStream:
                     self._advise(*nxt, fds)
                 yield MappedBuffer(*current)
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            self._close(fds)
 
     def _load_memory(self, requests):
         pool, stop = self.pool, threading.Event()
@@ -323,23 +341,29 @@ class BufferStream:
 
         def produce() -> None:
             fds: dict[tuple[int, bool], int] = {}
+            pending = iter(requests)
+            nxt = next(pending, None)
             try:
-                for file_ids, records in requests:
-                    file_ids = np.asarray(file_ids, dtype=np.int64)
-                    records = np.asarray(records, dtype=np.int64)
+                while nxt is not None:
+                    file_ids, records = (np.asarray(a, dtype=np.int64) for a in nxt)
+                    nxt = next(pending, None)
+                    if nxt is not None:  # the next buffer's files start coming now (object storage)
+                        self.source.prefetch(self.files[f].path for f in np.unique(np.asarray(nxt[0])))
                     ranges, loc, size, total = self.plan(file_ids, records)
                     slot = pool.acquire(total, stop)  # a buffer nothing reads any more
                     if slot is None:
                         return
                     pool.issue(slot)  # the consumer's hold, until it has cut its last batch
-                    self._read(ranges, pool.data[slot], fds, stop)
+                    try:
+                        self._read(ranges, pool.data[slot], fds, stop)
+                    finally:
+                        self._close(fds)  # its files are in the buffer now: the source may let them go
                     q.put(Buffer(pool, slot, loc, size, self.record_bytes))
                 q.put(_DONE)
             except BaseException as exc:  # handed to the consumer, raised there
                 q.put(_Failure(exc))
             finally:
-                for fd in fds.values():
-                    os.close(fd)
+                self._close(fds)
 
         thread = threading.Thread(target=produce, name="buffer-read", daemon=True)
         thread.start()
@@ -381,10 +405,20 @@ class BufferStream:
         """One descriptor per file and access kind: kernel readahead for dense ranges, none for sparse."""
         fd = fds.get((f, dense))
         if fd is None:
-            fd = fds[(f, dense)] = os.open(self.files[f].path, os.O_RDONLY)
+            local = self.source.open(self.files[f].path)  # held (once per file) until ``_close``
+            fd = fds[(f, dense)] = os.open(local, os.O_RDONLY)
             if not dense:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd
+
+    def _close(self, fds: dict) -> None:
+        """Close every descriptor; each file's source hold ends (once per file)."""
+        files = {f for f, _ in fds}
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+        for f in files:
+            self.source.close(self.files[f].path)
 
     def _read(self, ranges: list, data: np.ndarray, fds: dict, stop: threading.Event) -> None:
         """Copy ``ranges`` into ``data``: large reads, sparse ones asked for a window ahead, pages dropped

@@ -19,29 +19,35 @@ import numpy as np
 from pipeline.data.integrity import IntegrityError
 
 MIB = 2**20
+HEADER_BYTES = 4096  # a .npy header is at most this long here (padded to 64 bytes; our shapes are small)
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)  # Linux >= 4.14, Python >= 3.7 (an os constant, not a hook)
 
 
-def npy_layout(path: Path, count: int | None = None) -> tuple[int, tuple, np.dtype]:
+def npy_layout(path: Path, count: int | None = None, files=None) -> tuple[int, tuple, np.dtype]:
     """(data offset, shape, dtype) of a C-order ``.npy`` file, from its header and numpy's public format
-    functions (the header alone, read with readahead off: opening a cold export reads none of its data).
+    functions (the header alone, read with readahead off: opening a cold export reads none of its data; for
+    a file in object storage, ``files`` -- an ``ExportFiles`` -- reads the header with one ranged GET).
     Raises IntegrityError naming the file when the header is bad, the file is shorter or longer than the
     header says (truncated or corrupted), or it does not hold ``count`` rows."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, 12, 0)  # magic (6), version (2), header length (2 or 4)
-            if len(head) < 10 or head[:6] != b"\x93NUMPY":
-                raise ValueError("not a .npy file (no magic string)")
-            width = 2 if head[6] == 1 else 4
-            header_len = int.from_bytes(head[8 : 8 + width], "little")
-            offset = 8 + width + header_len
-            fh = io.BytesIO(os.pread(fd, offset, 0))
-        finally:
-            os.close(fd)
+        if files is not None and files.remote:
+            size, head = files.size(path), files.head(path, HEADER_BYTES)
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, HEADER_BYTES, 0)
+            finally:
+                os.close(fd)
+        if len(head) < 10 or head[:6] != b"\x93NUMPY":  # magic (6), version (2), header length (2 or 4)
+            raise ValueError("not a .npy file (no magic string)")
+        width = 2 if head[6] == 1 else 4
+        offset = 8 + width + int.from_bytes(head[8 : 8 + width], "little")
+        if offset > len(head):
+            raise ValueError(f"a header of {offset} bytes, longer than this reader takes ({len(head)})")
+        fh = io.BytesIO(head[:offset])
         version = np.lib.format.read_magic(fh)
         read_header = {
             (1, 0): np.lib.format.read_array_header_1_0,
@@ -63,6 +69,37 @@ def npy_layout(path: Path, count: int | None = None) -> tuple[int, tuple, np.dty
             + "; delete the export to re-export"
         )
     return offset, tuple(shape), dtype
+
+
+class ExportFiles:
+    """Where an export's data files are read from: the local disk (this class), or object storage
+    (pipeline/data/remote/files.py: a shard is fetched into a bounded local cache while it is read).
+
+    ``open(path)`` gives a local path to read ``path`` from, held until ``close(path)``: an open descriptor
+    or map stays valid after ``close`` (the cache may then evict the file; its data stays readable through
+    what was opened). ``prefetch(paths)`` starts bringing files that will be read soon. ``size`` and
+    ``head`` read what a reader checks before reading: a file's length and its first bytes."""
+
+    remote = False
+
+    def open(self, path: Path) -> Path:
+        return Path(path)
+
+    def close(self, path: Path) -> None:
+        pass
+
+    def prefetch(self, paths) -> None:
+        pass
+
+    def size(self, path: Path) -> int:
+        return os.stat(path).st_size
+
+    def head(self, path: Path, n: int) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+
+
+LOCAL = ExportFiles()
 
 
 def cached_byte(fd: int, offset: int) -> bool:

@@ -66,7 +66,7 @@ class RowReader:
         state.update(opened_pid=None, _fd=None, _map=None, _rows=None, mapped=False, clean=0, batches=0)
         return state
 
-    def _open(self) -> None:
+    def open(self) -> None:
         if self.opened_pid == os.getpid():
             return
         fd = os.open(self.path, os.O_RDONLY)
@@ -121,7 +121,7 @@ class RowReader:
         rows = np.asarray(rows, dtype=np.int64)
         if not len(rows) or self.mapped:
             return
-        self._open()
+        self.open()
         rb = self.row_bytes
         probes = rows[np.linspace(0, len(rows) - 1, min(ADVISE_PROBES, len(rows))).astype(np.int64)]
         if all(cached_byte(self._fd, self.offset + int(r) * rb) for r in probes.tolist()):
@@ -149,7 +149,7 @@ class RowReader:
         return None if got >= hi - lo else (lo + got, hi, off + got)
 
     def _read_sorted(self, rows: np.ndarray, out: np.ndarray) -> None:
-        self._open()
+        self.open()
         view = memoryview(out).cast("B")
         if self.mapped:  # probe the first row: cached, the rest through the map
             if self._cached(view, rows, 0, 1) is None:

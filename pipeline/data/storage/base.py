@@ -7,7 +7,7 @@ A format is a module in this package that defines ``FORMAT``, an instance of a `
         name = "tiny"
         config = TinyConfig                      # a dataclass extending pipeline.config.schema.StorageConfig
         def writer(self, root, spec, cfg): return TinyWriter(root, spec, cfg)
-        def dataset(self, root, spec, labels, ids, cfg): return TinyDataset(root, spec, labels, ids, cfg)
+        def dataset(self, root, spec, labels, ids, cfg, files=None): return TinyDataset(root, ...)
     FORMAT = Tiny()
 
 Three contracts, each a base class whose optional hooks have defaults (nothing is probed by name):
@@ -135,11 +135,19 @@ class StorageFormat:
     config: ClassVar[type]  # its schema: a dataclass extending pipeline.config.schema.StorageConfig
     layout: ClassVar[int | None] = None
     read_options: ClassVar[tuple[str, ...]] = ()
+    # its data can stream from object storage (a dataset then reads its files through ``files``); the
+    # reason it cannot, for ``paths.data_dir=s3://...``'s error message, otherwise
+    remote: ClassVar[bool] = False
+    not_remote: ClassVar[str] = "its files are read in place, not in sequential buffers"
 
     def writer(self, root: Path, spec, cfg) -> Writer:
         raise NotImplementedError
 
-    def dataset(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg) -> BatchedDataset:
+    def dataset(
+        self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg, files=None
+    ) -> BatchedDataset:
+        """``files`` (pipeline/data/readers/files.py ``ExportFiles``): where the data files are read from, the
+        local disk by default; formats with ``remote`` read through it."""
         raise NotImplementedError
 
     def identity(self, cfg) -> dict | None:

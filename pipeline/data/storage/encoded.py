@@ -48,7 +48,7 @@ from pipeline.config.checks import ConfigError, require
 from pipeline.config.schema import Choice, StoredDtype
 from pipeline.data.codec import Codec, CodecError, problem
 from pipeline.data.integrity import ExportError, IntegrityError, sample_error
-from pipeline.data.readers.files import RecordFile
+from pipeline.data.readers.files import LOCAL, RecordFile
 from pipeline.data.sources.base import is_image
 from pipeline.data.storage.base import StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
@@ -217,8 +217,9 @@ def _array(path: Path, n: int, kinds: str) -> np.ndarray:
 class Dataset(ShardedDataset):
     NAME = "encoded"
 
-    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
+    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None, files=None) -> None:
         super().__init__(spec, labels, ids)
+        self.source = files if files is not None else LOCAL
         self.root, self.folder = Path(root), Path(root) / FOLDER
         path = self.folder / INDEX
         index = load_index(path, LAYOUT, "encoded shards")
@@ -256,7 +257,7 @@ class Dataset(ShardedDataset):
             files.append(RecordFile(self.folder / name, 0, count, offsets=offsets))
             first += count
             try:
-                actual = os.stat(self.folder / name).st_size
+                actual = self.source.size(self.folder / name)
             except OSError as err:
                 raise IntegrityError(
                     f"{self.folder / name} cannot be read: {err}; delete the export"
@@ -296,13 +297,14 @@ class Encoded(StorageFormat):
     name = "encoded"
     config = EncodedConfig
     layout = LAYOUT
-    read_options = ("shuffle_buffer_shards", "buffers")
+    read_options = ("shuffle_buffer_shards", "buffers", "cache_limit_mb")
+    remote = True
 
     def writer(self, root, spec, cfg) -> Writer:
         return Writer(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
-        return Dataset(root, spec, labels, ids, cfg)
+    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
+        return Dataset(root, spec, labels, ids, cfg, files)
 
     def identity(self, cfg) -> dict:
         """What the export's samples depend on beyond its config: the decoder's version (lossy pixels differ

@@ -96,12 +96,16 @@ class Dataset(BatchedDataset):
 class Memmap(StorageFormat):
     name = "memmap"
     config = MemmapConfig
+    not_remote = (
+        "it reads random rows of one large file: from a bucket every batch would be dozens of small ranged "
+        "GETs, or the whole file copied to every machine"
+    )
     read_options = ("io_threads",)
 
     def writer(self, root, spec, cfg) -> Writer:
         return Writer(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
+    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
         return Dataset(root, spec, labels, ids, cfg)
 
 

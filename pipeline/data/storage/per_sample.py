@@ -104,6 +104,8 @@ class PerSampleDataset(BatchedDataset):
 class PerSampleFormat(StorageFormat):
     """A format of one file per sample: its module's ``Writer`` and ``Dataset`` classes, files ``ext``."""
 
+    not_remote = "one file per sample would be one object, one GET, per sample and epoch"
+
     ext: str
     writer_class: type
     dataset_class: type
@@ -111,7 +113,7 @@ class PerSampleFormat(StorageFormat):
     def writer(self, root, spec, cfg):
         return self.writer_class(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg):
+    def dataset(self, root, spec, labels, ids, cfg, files=None):
         return self.dataset_class(root, spec, labels, ids, cfg)
 
     def check(self, root, spec, files) -> None:

@@ -87,11 +87,12 @@ class Dataset(BatchedDataset):
 class Ram(StorageFormat):
     name = "ram"
     config = RamConfig
+    not_remote = "it loads the whole split into memory: copy the data to a local folder instead"
 
     def writer(self, root, spec, cfg) -> Writer:
         return Writer(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
+    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
         return Dataset(root, spec, labels, ids, cfg)
 
     def check_fits(self, spec, num_samples: int) -> None:

@@ -196,8 +196,10 @@ class ShardedDataset(BatchedDataset):
         cfg = cfg if cfg is not None else {}
         self.buffer_shards = int(cfg.get("shuffle_buffer_shards", 4))
         self.spans = [int(f.spans(np.array([f.count - 1]))[1][0]) - f.offset if f.count else 0 for f in files]
-        self.buffers = buffer_mode(cfg.get("buffers", "auto"), sum(self.spans))
-        self.stream = BufferStream(files, mode=self.buffers, depth=DEPTH)
+        source = self.source  # a subclass sets it: the local disk, or object storage
+        # data in object storage streams through memory buffers: a map would need every shard local
+        self.buffers = "memory" if source.remote else buffer_mode(cfg.get("buffers", "auto"), sum(self.spans))
+        self.stream = BufferStream(files, mode=self.buffers, depth=DEPTH, source=source)
         held = DEPTH * self.buffer_bytes()
         from pipeline.system.headroom import memory_room
 

@@ -29,7 +29,7 @@ from pipeline.config.checks import at_least, number
 from pipeline.config.schema import StorageConfig
 from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.buffers import rows_at
-from pipeline.data.readers.files import RecordFile, npy_layout, runs_of
+from pipeline.data.readers.files import LOCAL, RecordFile, npy_layout, runs_of
 from pipeline.data.readers.rows import RowReader
 from pipeline.data.storage.base import StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
@@ -58,6 +58,8 @@ class ShardsConfig(StorageConfig):
     shuffle_buffer_shards: int = at_least(1, 4)  # read-time: shards whose samples are shuffled together
     placement_seed: int = 0  # seeds the permutation placing samples in shards (mixes class-sorted sources)
     buffers: ShardBuffers = ShardBuffers.auto  # read-time: how a buffer of shards is held (sharded.py)
+    # read-time, data in object storage: the local cache of shards is kept under this (+ one shard)
+    cache_limit_mb: float = number(4096.0, above=0.0, valid="must be > 0 (MB of cached shards), e.g. 4096")
 
 
 def samples_per_shard(shard_size_mb: float, sample_bytes: int) -> int:
@@ -147,15 +149,16 @@ def read_index(folder: Path, spec) -> tuple[dict, np.ndarray]:
 
 
 class Dataset(ShardedDataset):
-    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
+    def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None, files=None) -> None:
         super().__init__(spec, labels, ids)
+        self.source = files if files is not None else LOCAL
         self.folder = Path(root) / FOLDER
         index, order = read_index(self.folder, spec)
         self.dtype, self.row_bytes = np.dtype(spec.dtype), spec.sample_bytes
         files = []
         for s in index["shards"]:
             path = self.folder / s["file"]
-            offset, shape, dtype = npy_layout(path, int(s["count"]))
+            offset, shape, dtype = npy_layout(path, int(s["count"]), self.source)
             if shape[1:] != tuple(spec.shape) or dtype != self.dtype:
                 raise IntegrityError(
                     f"{path} holds {shape} {dtype}; the manifest says {spec.shape} {spec.dtype}"
@@ -181,7 +184,13 @@ class Dataset(ShardedDataset):
         reader = self._readers.get(s)
         if reader is None:
             f = self.files[s]
-            reader = self._readers[s] = RowReader(f.path, f.offset, self.row_bytes, f.count, threads=8)
+            local = self.source.open(f.path)  # a file in object storage: brought into the cache
+            try:
+                reader = RowReader(local, f.offset, self.row_bytes, f.count, threads=8)
+                reader.open()  # its descriptor keeps the file readable once the source lets it go
+            finally:
+                self.source.close(f.path)
+            self._readers[s] = reader
         return reader
 
     def from_buffer(self, data: np.ndarray, loc: np.ndarray, size: np.ndarray, positions, out) -> None:
@@ -203,13 +212,14 @@ class Shards(StorageFormat):
     name = "shards"
     config = ShardsConfig
     layout = LAYOUT
-    read_options = ("shuffle_buffer_shards", "buffers")
+    read_options = ("shuffle_buffer_shards", "buffers", "cache_limit_mb")
+    remote = True
 
     def writer(self, root, spec, cfg) -> Writer:
         return Writer(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg) -> Dataset:
-        return Dataset(root, spec, labels, ids, cfg)
+    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
+        return Dataset(root, spec, labels, ids, cfg, files)
 
 
 FORMAT = Shards()
