@@ -216,7 +216,11 @@ class TrackingConfig:
 class PathsConfig:
     root: str = "${project_root:}"  # $PIPELINE_ROOT, else this checkout (pipeline/config/resolvers.py)
     outputs: str = "${paths.root}/outputs"
-    data_dir: str = "${paths.outputs}/data"  # exports, shared by every run
+    # exports, shared by every run: a folder, or s3://bucket/prefix (docs/object-storage.md)
+    data_dir: str = "${paths.outputs}/data"
+    # local copies of data in object storage: shards being read (bounded by storage.cache_limit_mb), a
+    # published export's small files, exports being built before they are published
+    cache_dir: str = "${paths.outputs}/cache"
     output_dir: str = "${hydra:runtime.output_dir}"  # this run's folder
 
 

@@ -53,6 +53,28 @@ def validate(cfg: DictConfig) -> None:
     )
     _check_tracking(cfg.tracking)
     _check_memory_budget(cfg.trainer.memory_budget_mb)
+    _check_data_dir(cfg, known_formats[sto.name])
+
+
+def _check_data_dir(cfg: DictConfig, fmt) -> None:
+    """A folder or s3://bucket/prefix; any other URL refused by name (never taken as a folder); in a bucket,
+    only the formats that stream from object storage."""
+    from pipeline.data.remote.errors import LocationError
+    from pipeline.data.remote.urls import parse_location
+
+    value = cfg.paths.data_dir
+    try:
+        loc = parse_location(value)
+    except LocationError as err:
+        raise ConfigError("paths.data_dir", value, str(err)) from None
+    if loc.is_remote and not fmt.remote:
+        raise ConfigError(
+            "storage",
+            fmt.name,
+            f"paths.data_dir={value} is in object storage, where storage={fmt.name} cannot live: "
+            f"{fmt.not_remote}. Use storage=shards or storage=encoded (they stream sequential buffers of "
+            "shards through a bounded local cache)",
+        )
 
 
 def check_sizes(cfg: DictConfig, n: int | None = None) -> None:
