@@ -81,6 +81,7 @@ def _train(cfg: DictConfig, rec: JobRecorder, resume, device, exp, train_loader,
             start_epoch=start,
             samples_seen=resume.samples_seen if resume else 0,
             sample_bytes=exp.stored_sample_bytes,
+            files=exp.files,
         )
     rec.finished(model, val_loader, device, stages.model_spec(cfg, exp))
     return final

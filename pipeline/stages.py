@@ -26,7 +26,16 @@ from pipeline.data.storage import get_format
 def export_data(cfg: DictConfig) -> Export:
     """Export (or reuse) the source's samples in the configured storage format. Sources that learn their
     size only by exporting (lfw, image folders) have their split and batch sizes checked now."""
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+    from pipeline.data.remote.urls import parse_location
+
+    if parse_location(
+        cfg.paths.data_dir
+    ).is_remote:  # s3://...: built locally, published, read through a cache
+        from pipeline.data.remote.exporting import export_to_bucket
+
+        exp = export_to_bucket(cfg.source, cfg.storage, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.verify)
+    else:
+        exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
     check_sizes(cfg, len(exp.labels))
     return exp
 

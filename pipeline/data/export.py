@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from pipeline import fsio, progress
 from pipeline.data import quantize
 from pipeline.data.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
+from pipeline.data.readers.files import LOCAL, ExportFiles
 from pipeline.data.sources import SampleSpec, build_source, get_source
 from pipeline.data.storage import get_format
 
@@ -49,6 +50,8 @@ class Export:
     manifest: dict
     labels: np.ndarray
     reused: bool
+    files: ExportFiles = LOCAL  # where the data files are read from: this disk, or a bucket through a cache
+    url: str | None = None  # s3://... when the export lives in object storage
 
     @property
     def spec(self) -> SampleSpec:
@@ -75,7 +78,7 @@ class Export:
     def dataset(self, ids: np.ndarray, storage_cfg=None):
         """A map-style Dataset over the sample ids ``ids`` of this export."""
         fmt = get_format(self.manifest["storage"]["name"])
-        return fmt.dataset(self.root, self.spec, self.labels, ids, storage_cfg)
+        return fmt.dataset(self.root, self.spec, self.labels, ids, storage_cfg, files=self.files)
 
 
 def _plain(cfg) -> dict:

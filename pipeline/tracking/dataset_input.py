@@ -42,8 +42,8 @@ def dataset_inputs(exp, split) -> list:
         dataset = Dataset(
             name=f"{m['name']}/{context}",
             digest=m["content_sha256"][:DIGEST_CHARS],
-            source_type="local",
-            source=json.dumps({"uri": exp.root.resolve().as_uri()}),
+            source_type="s3" if exp.url else "local",
+            source=json.dumps({"uri": exp.url or exp.root.resolve().as_uri()}),
             schema=schema,
             profile=json.dumps(profile),
         )

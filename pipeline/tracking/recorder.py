@@ -116,7 +116,7 @@ class JobRecorder:
         self.tr.set_tags(
             {
                 "data.fingerprint": exp.fingerprint,
-                "data.dir": str(exp.root),
+                "data.dir": exp.url or str(exp.root),
                 "data.reused": str(exp.reused).lower(),
                 "data.content_sha256": exp.manifest["content_sha256"],
             }

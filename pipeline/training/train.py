@@ -86,6 +86,16 @@ def io_metrics(read_bytes: int, seconds: float, delivered_bytes: int | None) -> 
     return out
 
 
+def remote_metrics(stats, seconds: float) -> dict:
+    """An epoch's fetches from object storage (pipeline/data/remote/cache.py ``CacheStats``): MB downloaded,
+    MB/s over the train pass, and the share of shard fetches the local cache answered."""
+    return {
+        "io/remote_mb": stats.remote_mb,
+        "io/remote_mb_per_s": stats.remote_mb / seconds if seconds > 0 else 0.0,
+        "io/cache_hit_fraction": stats.hit_fraction,
+    }
+
+
 def fit(
     model,
     train_loader,
@@ -99,6 +109,7 @@ def fit(
     start_epoch: int = 0,
     samples_seen: int = 0,
     sample_bytes: float | None = None,
+    files=None,
 ) -> dict:
     model.to(device)
     net = distributed.wrap(model, device)  # DDP under torchrun, else model
@@ -116,6 +127,7 @@ def fit(
         if memory is not None:
             memory.mark_epoch(epoch)
         read0 = disk_read_bytes()
+        remote0 = files.stats() if files is not None else None  # data in object storage: this epoch's GETs
         t0 = time.perf_counter()
         batches = iter(
             distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
@@ -163,6 +175,8 @@ def fit(
         }
         if read0 is not None:
             metrics.update(io_metrics(read, train_s, n * sample_bytes if sample_bytes else None))
+        if remote0 is not None:
+            metrics.update(remote_metrics(files.stats() - remote0, train_s))
         if memory is not None:
             metrics.update({f"memory/epoch_peak_{k}": v for k, v in memory.take_epoch().items()})
             memory.check(f"at the end of epoch {epoch}")

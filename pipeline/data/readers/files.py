@@ -98,6 +98,11 @@ class ExportFiles:
         with open(path, "rb") as fh:
             return fh.read(n)
 
+    def stats(self):
+        """Cumulative counters of what was fetched from a remote store (bytes, cache hits), subtractable;
+        None for local files."""
+        return None
+
 
 LOCAL = ExportFiles()
 

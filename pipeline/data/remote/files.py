@@ -42,6 +42,9 @@ class RemoteFiles(ExportFiles):
     def size(self, path: Path) -> int:
         return self.export.item(self._rel(path))[1]
 
+    def stats(self):
+        return self.export.cache.stats()  # a CacheStats: remote_mb, hit_fraction; subtract two for an epoch
+
     def head(self, path: Path, n: int) -> bytes:
         key, size, _ = self.export.item(self._rel(path))
         return self.export.cache.store.get_range(key, 0, min(n, size))
