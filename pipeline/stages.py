@@ -14,7 +14,8 @@ The job adds what is recorded about each stage (pipeline/tracking/recorder.py), 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
 from pipeline.config.validate import check_sizes
@@ -22,11 +23,15 @@ from pipeline.data.export import Export, export
 from pipeline.data.partition import Split, partition
 from pipeline.data.storage import get_format
 
+if TYPE_CHECKING:  # torch is imported by the stages that train, not by the export (pipeline-export)
+    import torch
+
 
 def export_data(cfg: DictConfig) -> Export:
-    """Export (or reuse) the source's samples in the configured storage format. Sources that learn their
-    size only by exporting (lfw, image folders) have their split and batch sizes checked now."""
-    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+    """Export (or reuse) the source's samples in the configured storage format, its work where ``export``
+    says (workers, engine). Sources that learn their size only by exporting (lfw, image folders) have their
+    split and batch sizes checked now."""
+    exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify, export_cfg=cfg.get("export"))
     check_sizes(cfg, len(exp.labels))
     return exp
 

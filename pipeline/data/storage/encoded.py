@@ -19,7 +19,11 @@ bytes), the codec and the layout. A shard closes once its records reach ``storag
 
 The writer encodes each chunk (threads: Pillow's encoders release the GIL) and appends the records to a
 spill file in id order; at ``close`` it writes each shard front to back, its records read from the spill in
-placement order, and removes the spill -- never more than a chunk of samples or one shard in memory.
+placement order, and removes the spill -- never more than a chunk of samples or one shard in memory. In a
+parallel export each worker encodes its parts (``EncodePart``) into part files of their own
+(``encoded/parts/``, in the export's temp folder) and returns each record's size and CRC-32; ``close`` then
+reads the records from the part files instead of the spill. A record's bytes depend only on its sample, so
+the shards are the same bytes for any split into parts and any number of workers.
 
 Reading is ``shards``' (pipeline/data/storage/sharded.py): buffers of ``storage.shuffle_buffer_shards``
 shards read sequentially (``storage.buffers``: memory, mapped, auto), shuffled in memory; ``read_into``
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from pipeline.data.codec import Codec, CodecError, problem
 from pipeline.data.integrity import ExportError, IntegrityError, sample_error
 from pipeline.data.readers.files import RecordFile
 from pipeline.data.sources.base import is_image
-from pipeline.data.storage.base import StorageFormat
+from pipeline.data.storage.base import PartWriter, StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
 from pipeline.data.storage.sharded import (
     PLACEMENT,
@@ -69,6 +74,7 @@ INDEX = "index.json"
 OFFSETS = "offsets.npy"
 CRC = "crc32.npy"
 SPILL = "records.spill"
+PARTS = "parts"  # a parallel export's part files (removed by close)
 LAYOUT = 1
 
 
@@ -115,8 +121,51 @@ def shard_cuts(sizes: np.ndarray, shard_bytes: float) -> np.ndarray:
     return shard.reshape(-1).astype(np.int64)
 
 
+def part_name(first: int) -> str:
+    return f"part-{first:012d}.bin"
+
+
+class EncodePart(PartWriter):
+    """A worker's side of the Writer: encodes a part's samples into ``parts/part-<first>.bin``; returns each
+    record's size and CRC-32."""
+
+    def __init__(self, folder: Path, codec: Codec) -> None:
+        self.folder, self.codec = Path(folder), codec
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
+        blobs = [self.codec.encode(sample) for sample in x]
+        with open(self.folder / part_name(first), "wb") as fh:
+            fh.write(b"".join(blobs))
+        sizes = np.array([len(b) for b in blobs], dtype=np.int64)
+        return sizes, np.array([zlib.crc32(b) for b in blobs], dtype=np.uint32)
+
+
+class _Readers:
+    """Read descriptors of the record files (the spill, the part files), at most ``MAX_OPEN`` open."""
+
+    MAX_OPEN = 256
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.fds = paths, {}
+
+    def fd(self, k: int) -> int:
+        fd = self.fds.get(k)
+        if fd is None:
+            if len(self.fds) >= self.MAX_OPEN:
+                self.close()
+            fd = self.fds[k] = os.open(self.paths[k], os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # record by record: no readahead
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
 class Writer(BaseWriter):
-    """Encodes each chunk into a spill file (id order); ``close`` writes the shards in placement order."""
+    """Encodes each chunk into a spill file (id order), or takes the part files workers encoded
+    (``commit``); ``close`` writes the shards in placement order."""
 
     def __init__(self, root: Path, spec, cfg) -> None:
         if spec.dtype != "uint8" or not is_image(spec.shape, rgb_only=True):
@@ -132,21 +181,42 @@ class Writer(BaseWriter):
         self.sizes = np.zeros(spec.num_samples, dtype=np.int64)
         self.crc = np.zeros(spec.num_samples, dtype=np.uint32)
         self.spill = open(self.folder / SPILL, "wb")
-        self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
+        self.pool = None  # encoding threads, started by the first ``write``
         self.next_id = 0
+        self.spill_end = 0
+        self.record_files = [self.folder / SPILL]  # where records are before close: the spill, part files
+        self.file_of = np.zeros(spec.num_samples, dtype=np.int32)  # each sample's record file
+        self.at = np.zeros(spec.num_samples, dtype=np.int64)  # and its record's offset there
         self.paths: list[Path] = []
         self.stored_bytes = 0  # encoded bytes of all records (the export records it per sample)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
         blobs = list(self.pool.map(self.codec.encode, x))
-        a = self.next_id
-        self.sizes[a : a + len(blobs)] = [len(b) for b in blobs]
-        self.crc[a : a + len(blobs)] = [zlib.crc32(b) for b in blobs]
+        a, b = self.next_id, self.next_id + len(blobs)
+        self.sizes[a:b] = [len(blob) for blob in blobs]
+        self.crc[a:b] = [zlib.crc32(blob) for blob in blobs]
+        self.at[a:b] = self.spill_end + np.cumsum(self.sizes[a:b]) - self.sizes[a:b]
         self.spill.write(b"".join(blobs))
-        self.next_id += len(blobs)
+        self.spill_end += int(self.sizes[a:b].sum())
+        self.next_id = b
+
+    def part_writer(self) -> EncodePart:
+        (self.folder / PARTS).mkdir(exist_ok=True)
+        return EncodePart(self.folder / PARTS, self.codec)
+
+    def commit(self, first: int, n: int, result) -> None:
+        sizes, crc = result
+        a, b = first, first + n
+        self.sizes[a:b], self.crc[a:b] = sizes, crc
+        self.file_of[a:b] = len(self.record_files)
+        self.at[a:b] = np.cumsum(sizes) - sizes
+        self.record_files.append(self.folder / PARTS / part_name(first))
 
     def close(self) -> None:
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.pool.shutdown()
         self.spill.close()
         n = self.spec.num_samples
         order = placement(n, self.seed)  # the sample id of each record
@@ -154,20 +224,19 @@ class Writer(BaseWriter):
         shard = shard_cuts(sizes, self.shard_bytes)
         num_shards = int(shard[-1]) + 1 if n else 0
         counts = np.bincount(shard, minlength=num_shards)
-        spill_at = np.cumsum(self.sizes) - self.sizes  # each sample's record in the spill (id order)
         ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
         shards, first = [], 0
-        fd = os.open(self.folder / SPILL, os.O_RDONLY)
+        readers = _Readers(self.record_files)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # record by record: no readahead
             for s, count in enumerate(counts.tolist()):
                 ids, lens = order[first : first + count], sizes[first : first + count]
                 ends[first : first + count] = np.cumsum(lens)
                 data = bytearray(int(lens.sum()))
                 view, at = memoryview(data), 0
                 for sid, length in zip(ids.tolist(), lens.tolist()):
-                    if os.preadv(fd, [view[at : at + length]], int(spill_at[sid])) != length:
-                        raise ExportError(f"{self.folder / SPILL} ended early (sample {sid})")
+                    k = int(self.file_of[sid])
+                    if os.preadv(readers.fd(k), [view[at : at + length]], int(self.at[sid])) != length:
+                        raise ExportError(f"{self.record_files[k]} ended early (sample {sid})")
                     at += length
                 path = self.folder / shard_name(s)
                 with open(path, "wb") as fh:
@@ -176,8 +245,9 @@ class Writer(BaseWriter):
                 shards.append({"file": shard_name(s), "count": count, "bytes": len(data)})
                 first += count
         finally:
-            os.close(fd)
+            readers.close()
         os.unlink(self.folder / SPILL)
+        shutil.rmtree(self.folder / PARTS, ignore_errors=True)
         np.save(self.folder / PLACEMENT, order, allow_pickle=False)
         np.save(self.folder / OFFSETS, ends, allow_pickle=False)
         np.save(self.folder / CRC, self.crc[order], allow_pickle=False)
