@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import fsio
+from pipeline import fsio, progress
 from pipeline.config.validate import ConfigError, validate
 from pipeline.data.engines import open_engine
 from pipeline.data.engines.local import LocalEngine
@@ -86,13 +87,21 @@ def test_image_folder_in_workers_skips_the_broken_file_naming_it_and_matches_the
         tmp_path,
         ["source=image_folder", f"source.root={root}", "source.mode=RGB", "source.size=[20,24]",
          "source.chunk_size=8", "storage=encoded", "storage.codec=jpeg", "storage.quality=90",
-         "storage.shard_size_mb=0.01", "progress.log_every_s=0.05"],
+         "storage.shard_size_mb=0.01"],
     )  # fmt: skip
     serial = export(cfg.source, cfg.storage, tmp_path / "serial", export_cfg=_export_cfg(1))
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        parallel = export(cfg.source, cfg.storage, tmp_path / "parallel", export_cfg=_export_cfg(2))
+    progress.configure({"bars": "false", "log_every_s": 0.02})  # progress lines, as where no one watches
+    try:
+        with caplog.at_level(logging.INFO):
+            parallel = export(cfg.source, cfg.storage, tmp_path / "parallel", export_cfg=_export_cfg(2))
+    finally:
+        progress.configure({"bars": "auto", "log_every_s": None})
     assert str(root / BROKEN) in caplog.text  # the check ran in a worker; named here, then skipped
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert any(re.search(r"^export: \d+/90 samples .* samples/s, .* MB/s, ETA", line) for line in lines), (
+        lines
+    )
     assert parallel.spec.num_samples == serial.spec.num_samples == 90
     assert _content(parallel) == _content(serial)
     assert parallel.throughput["workers"] == 2 and parallel.throughput["samples_per_s"] > 0
