@@ -11,8 +11,10 @@ this process reads and ships. The worker converts it to the stored dtype (8-bit 
 quantize.py), checks its shape, digests it, and -- where the format has a ``PartWriter`` -- writes it
 (encodes, ``pwrite``s, writes a part file) and returns only sizes and digests. This process takes the
 results in sample order (``Engine.map``), ``commit``s each part to the Writer (or ``write``s the samples,
-for a format without a PartWriter), and keeps the labels. With ``export.workers=1`` (engine ``serial``) the
-same steps run here, chunk by chunk, the Writer's ``write`` doing the format's work: the serial path.
+for a format without a PartWriter), and keeps the labels; what finishes the files once all parts are in runs
+on the workers too where the format splits it (``Writer.finish_tasks``: encoded's shards, one task each).
+With ``export.workers=1`` (engine ``serial``) the same steps run here, chunk by chunk, the Writer's
+``write`` doing the format's work: the serial path.
 
 **Same content, any number of workers.** The bytes of every file depend only on the samples and their ids,
 never on which worker wrote them or how the samples were split: records go to places fixed by the sample id
@@ -218,6 +220,11 @@ def write_samples(
         labels[done : done + d.n] = d.y
         content.update(d.leaves)
         done += d.n
+    finish = writer.finish_tasks() if part is not None else None
+    if finish:  # e.g. encoded's shards, assembled from the part files
+        t = time.perf_counter()
+        writer.finished(list(engine.map(_finish, finish)))
+        log.info("export: %d finishing tasks on the workers in %.2f s", len(finish), time.perf_counter() - t)
     if engine.remote:  # workers on other machines: their writes on disk before the manifest
         t = time.perf_counter()
         engine.everywhere(fsio.sync_tree, str(tmp))
@@ -226,6 +233,10 @@ def write_samples(
     if done != n:
         raise ExportError(f"source yielded {done} samples, declared {n}")
     return Written(labels, content.hexdigest(), done, engine.workers, engine.name)
+
+
+def _finish(shared, task):
+    return task.run()
 
 
 def _count(d: Done) -> int:

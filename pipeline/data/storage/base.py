@@ -28,7 +28,9 @@ Three contracts, each a base class whose optional hooks have defaults (nothing i
   ``commit(first, n, result)`` in sample order, then calls ``close()`` as after ``write``s. ``part_args(first,
   n)`` is what one part needs from the Writer (shards: the records its samples go to). The parts' files must
   be the same bytes for any split into parts and any number of workers. Default: no ``PartWriter``, the
-  exporting process ``write``s every chunk (the workers still read and convert them).
+  exporting process ``write``s every chunk (the workers still read and convert them). What finishes the
+  files once every part is in can run on the workers too: ``finish_tasks()`` (default: none; ``close`` does
+  it).
 - ``BatchedDataset``: a map-style dataset over sample ids ``ids`` that reads whole batches:
   ``read_into(request, out)`` fills ``out`` (``len(request)`` samples of ``spec.shape`` / ``spec.dtype``)
   with the samples at ``request.positions``; ``batch_sampler(...)`` gives the epoch's batches (an
@@ -85,6 +87,16 @@ class Writer:
     def commit(self, first: int, n: int, result) -> None:
         """The part of samples ``first .. first + n - 1`` is written; ``result``: its ``PartWriter.write``'s.
         Called in sample order."""
+
+    def finish_tasks(self) -> list | None:
+        """After the last ``commit``: independent tasks (picklable, each with a ``run()``) that finish the
+        files, which the export runs on its workers (encoded: one per shard, assembled from the part files),
+        then passes their results in order to ``finished`` before ``close``. None (the default): ``close``
+        does all that is left."""
+        return None
+
+    def finished(self, results: list) -> None:
+        """The ``finish_tasks`` ran; ``results``: what each ``run()`` returned, in order."""
 
 
 def passthrough_collate(batch):

@@ -163,9 +163,41 @@ class _Readers:
         self.fds = {}
 
 
+SPILL_SOURCE = -1  # a record source that is the spill, not a part file (parts are named by their first id)
+
+
+class AssembleShard:
+    """Shard ``shard`` written front to back, its records read from their sources (``sources[which[j]]``: the
+    spill, or the part file of that first id) at ``at[j]``, ``lens[j]`` bytes each. Picklable: a parallel
+    export runs these on its workers (``Writer.finish_tasks``), a serial one in ``close``."""
+
+    def __init__(self, folder: Path, shard: int, sources, which, at, lens) -> None:
+        self.folder, self.shard = Path(folder), int(shard)
+        self.sources, self.which = np.asarray(sources), np.asarray(which, dtype=np.int64).reshape(-1)
+        self.at, self.lens = np.asarray(at, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+
+    def run(self) -> int:
+        paths = [
+            self.folder / (SPILL if f == SPILL_SOURCE else f"{PARTS}/{part_name(f)}") for f in self.sources
+        ]
+        readers = _Readers(paths)
+        data = bytearray(int(self.lens.sum()))
+        view, at = memoryview(data), 0
+        try:
+            for k, offset, length in zip(self.which.tolist(), self.at.tolist(), self.lens.tolist()):
+                if os.preadv(readers.fd(k), [view[at : at + length]], offset) != length:
+                    raise ExportError(f"{paths[k]} ended early (shard {self.shard})")
+                at += length
+        finally:
+            readers.close()
+        with open(self.folder / shard_name(self.shard), "wb") as fh:
+            fh.write(data)
+        return len(data)
+
+
 class Writer(BaseWriter):
     """Encodes each chunk into a spill file (id order), or takes the part files workers encoded
-    (``commit``); ``close`` writes the shards in placement order."""
+    (``commit``); ``close`` writes the shards in placement order (or the workers did: ``finish_tasks``)."""
 
     def __init__(self, root: Path, spec, cfg) -> None:
         if spec.dtype != "uint8" or not is_image(spec.shape, rgb_only=True):
@@ -184,11 +216,13 @@ class Writer(BaseWriter):
         self.pool = None  # encoding threads, started by the first ``write``
         self.next_id = 0
         self.spill_end = 0
-        self.record_files = [self.folder / SPILL]  # where records are before close: the spill, part files
-        self.file_of = np.zeros(spec.num_samples, dtype=np.int32)  # each sample's record file
+        self.sources = [SPILL_SOURCE]  # where records are before close: the spill, then part files (firsts)
+        self.file_of = np.zeros(spec.num_samples, dtype=np.int32)  # each sample's record file (its source)
         self.at = np.zeros(spec.num_samples, dtype=np.int64)  # and its record's offset there
         self.paths: list[Path] = []
         self.stored_bytes = 0  # encoded bytes of all records (the export records it per sample)
+        self.plan = None  # what close writes: computed once every record's size is known
+        self.assembled = False  # the shards were written by the export's workers (finish_tasks)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
         if self.pool is None:
@@ -210,42 +244,52 @@ class Writer(BaseWriter):
         sizes, crc = result
         a, b = first, first + n
         self.sizes[a:b], self.crc[a:b] = sizes, crc
-        self.file_of[a:b] = len(self.record_files)
+        self.file_of[a:b] = len(self.sources)
         self.at[a:b] = np.cumsum(sizes) - sizes
-        self.record_files.append(self.folder / PARTS / part_name(first))
+        self.sources.append(first)
+
+    def _plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[AssembleShard]]:
+        """The sample id of each record, its size, its end in its shard, and a task per shard."""
+        if self.plan is None:
+            n = self.spec.num_samples
+            order = placement(n, self.seed)  # the sample id of each record
+            sizes = self.sizes[order]
+            shard = shard_cuts(sizes, self.shard_bytes)
+            counts = np.bincount(shard, minlength=int(shard[-1]) + 1 if n else 0)
+            ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
+            tasks, first = [], 0
+            for s, count in enumerate(counts.tolist()):
+                ids = order[first : first + count]
+                ends[first : first + count] = np.cumsum(sizes[first : first + count])
+                used, which = np.unique(self.file_of[ids], return_inverse=True)
+                sources = np.asarray(self.sources, dtype=np.int64)[used]
+                tasks.append(
+                    AssembleShard(self.folder, s, sources, which, self.at[ids], sizes[first : first + count])
+                )
+                first += count
+            self.plan = order, sizes, ends, tasks
+        return self.plan
+
+    def finish_tasks(self) -> list[AssembleShard] | None:
+        """A parallel export's shards, one task each, assembled on the workers from the part files."""
+        return self._plan()[3] if len(self.sources) > 1 else None
+
+    def finished(self, results: list) -> None:
+        self.assembled = True
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
         self.spill.close()
         n = self.spec.num_samples
-        order = placement(n, self.seed)  # the sample id of each record
-        sizes = self.sizes[order]
-        shard = shard_cuts(sizes, self.shard_bytes)
-        num_shards = int(shard[-1]) + 1 if n else 0
-        counts = np.bincount(shard, minlength=num_shards)
-        ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
-        shards, first = [], 0
-        readers = _Readers(self.record_files)
-        try:
-            for s, count in enumerate(counts.tolist()):
-                ids, lens = order[first : first + count], sizes[first : first + count]
-                ends[first : first + count] = np.cumsum(lens)
-                data = bytearray(int(lens.sum()))
-                view, at = memoryview(data), 0
-                for sid, length in zip(ids.tolist(), lens.tolist()):
-                    k = int(self.file_of[sid])
-                    if os.preadv(readers.fd(k), [view[at : at + length]], int(self.at[sid])) != length:
-                        raise ExportError(f"{self.record_files[k]} ended early (sample {sid})")
-                    at += length
-                path = self.folder / shard_name(s)
-                with open(path, "wb") as fh:
-                    fh.write(data)
-                self.paths.append(path)
-                shards.append({"file": shard_name(s), "count": count, "bytes": len(data)})
-                first += count
-        finally:
-            readers.close()
+        order, _sizes, ends, tasks = self._plan()
+        if not self.assembled:
+            for task in tasks:
+                task.run()
+        shards = [
+            {"file": shard_name(t.shard), "count": len(t.lens), "bytes": int(t.lens.sum())} for t in tasks
+        ]
+        self.paths = [self.folder / shard_name(t.shard) for t in tasks]
         os.unlink(self.folder / SPILL)
         shutil.rmtree(self.folder / PARTS, ignore_errors=True)
         np.save(self.folder / PLACEMENT, order, allow_pickle=False)
