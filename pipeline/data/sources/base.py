@@ -21,10 +21,11 @@ quantize.py) and ``validate(cfg)`` (checks across the source's own keys, as ``Co
 **Parallel exports** (pipeline/data/writing.py) use three more hooks, whose defaults keep a source serial:
 ``pieces(cfg, source, workers)`` splits a built source into independent ``Piece``s -- runs of consecutive
 samples, in sample order, each described by something small and picklable (files of an image folder, a
-block of the synthetic source, a range of an in-memory set) -- and ``read_piece(cfg, piece)`` reads one of
-them in a worker process (it gets the source's config as a plain, resolved ``DictConfig``, never the built
-source), so that reading, decoding and resizing run on every core. Default: None, the source is read by
-``chunks()`` in the exporting process (whose chunks the workers still convert and write).
+block of the synthetic source) -- and ``read_piece(cfg, piece)`` reads one of them in a worker process (it
+gets the source's config as a plain, resolved ``DictConfig``, never the built source), so that reading,
+decoding and resizing run on every core. Default: None, the source is read by ``chunks()`` in the exporting
+process, whose chunks the workers still convert and write: lfw and digits, in memory once loaded, keep it
+(their chunks are ranges of the loaded arrays, shipped to the workers).
 ``build_parallel(cfg, pmap, workers)`` builds the source with ``pmap(fn, items)``, an ordered map that may
 run the picklable ``fn`` in the ``workers`` worker processes, for the work of building (an image folder's
 check of every file); default: ``build(cfg)``. Whatever a worker reads must not depend on which worker
