@@ -158,19 +158,25 @@ def _fail_on_7(shared, i):
 
 
 class _Listening:
-    """The listening sockets of this process and its children, sampled while an export runs."""
+    """The listening sockets of process ``pid`` and its descendants, and those processes, sampled while it
+    runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
         import threading
 
+        self.root = psutil.Process(pid)
         self.seen: set[tuple[str, int]] = set()
+        self.procs: dict[int, psutil.Process] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        me = psutil.Process()
-        while not self.stop.wait(0.25):
-            ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
+        while not self.stop.wait(0.1):
+            try:
+                self.procs.update((p.pid, p) for p in self.root.children(recursive=True))
+            except psutil.Error:
+                return
+            ours = {self.root.pid, *self.procs}
             self.seen |= {
                 (c.laddr.ip, c.laddr.port)
                 for c in psutil.net_connections("inet")
@@ -186,19 +192,28 @@ class _Listening:
         self.thread.join()
 
 
+@pytest.mark.slow  # 5-8 s on 2 cores: a fresh process, Dask's import, a cluster of two spawned workers
 def test_a_local_dask_cluster_exports_the_same_bytes_bound_to_localhost_and_is_stopped(tmp_path):
+    """In a process of its own (as ``pipeline-export`` runs it): what the cluster starts is watched there."""
     src, sto = OmegaConf.create(SYN), OmegaConf.create(STORAGES["encoded"])
     serial = export(src, sto, tmp_path / "serial", export_cfg=_export_cfg(1))
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    with _Listening() as listening:
-        on_dask = export(src, sto, tmp_path / "dask", export_cfg=_export_cfg(2, engine="dask"))
+    args = [json.dumps(SYN), json.dumps(STORAGES["encoded"]), json.dumps(dict(_export_cfg(2, engine="dask")))]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EXPORTER, *args, str(tmp_path / "dask")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with _Listening(proc.pid) as listening:
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    on_dask = open_export(tmp_path / "dask" / serial.root.name)
     assert on_dask.throughput["engine"] == "dask" and on_dask.throughput["workers"] == 2
     assert _content(on_dask) == _content(serial)
     assert len(listening.seen) >= 3  # the scheduler and two workers at least
     assert {ip for ip, _ in listening.seen} == {"127.0.0.1"}, listening.seen
-    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-    workers = [p for p in started if "resource_tracker" not in " ".join(p.cmdline())]  # Python's own helper
-    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert len(listening.procs) >= 2  # the worker processes, seen while they ran
+    _, alive = psutil.wait_procs(list(listening.procs.values()), timeout=10)
     assert not alive, f"the export's cluster outlived it: {alive}"
 
 
