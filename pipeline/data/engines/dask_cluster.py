@@ -14,6 +14,10 @@ worker once (``Client.scatter(broadcast=True)``), each piece is one ``Client.sub
 piece is work to do, never a cached value), and results come back in order through ``Engine.map``. Tasks
 write their files themselves, into the export's temp folder: the workers must see it at the same path (a
 shared file system on a real cluster; ``everywhere`` lets the export check it and sync what each wrote).
+
+A local cluster's workers are spawned (Dask's default), so they share nothing with the exporting process, not
+even its export lock; Python starts its multiprocessing resource tracker for them, a small process that stays
+a child of the exporting process until it exits (a job's memory figures count it among the processes).
 """
 
 from __future__ import annotations
