@@ -27,7 +27,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +99,6 @@ def main(argv=None) -> None:
         AWS_EC2_METADATA_DISABLED="true",
     )
     try:
-        import numpy as np
         import torch
         from omegaconf import OmegaConf
 

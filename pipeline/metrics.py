@@ -184,7 +184,7 @@ _DEFINED: list[Metric] = [
         "share of the shards the train pass read from the local cache, not the object store",
         planned="issue 19",
     ),
-    # ---- reserved: issue 20, parallel and cluster exports ----
+    # ---- once per export a job built: pipeline/tracking/recorder.py, from the manifest ----
     Metric(
         "export/samples_per_s",
         "export samples/s",
@@ -193,7 +193,6 @@ _DEFINED: list[Metric] = [
         "samples/s",
         "samples exported / the export's seconds",
         Logged.EXPORT,
-        planned="issue 20",
     ),
     Metric(
         "export/mb_per_s",
@@ -203,7 +202,6 @@ _DEFINED: list[Metric] = [
         "MB/s (10^6 B)",
         "bytes the export wrote / its seconds",
         Logged.EXPORT,
-        planned="issue 20",
     ),
     Metric(
         "export/workers",
@@ -213,7 +211,6 @@ _DEFINED: list[Metric] = [
         "processes",
         "worker processes the export ran (export.workers resolved)",
         Logged.EXPORT,
-        planned="issue 20",
     ),
     # ---- end of the run, pipeline/tracking/memory_record.py (named apart from their families) ----
     Metric(

@@ -14,7 +14,8 @@ The job adds what is recorded about each stage (pipeline/tracking/recorder.py), 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig
 
 from pipeline.config.validate import check_sizes
@@ -22,20 +23,27 @@ from pipeline.data.export import Export, export
 from pipeline.data.partition import Split, partition
 from pipeline.data.storage import get_format
 
+if TYPE_CHECKING:  # torch is imported by the stages that train, not by the export (pipeline-export)
+    import torch
+
 
 def export_data(cfg: DictConfig) -> Export:
-    """Export (or reuse) the source's samples in the configured storage format. Sources that learn their
-    size only by exporting (lfw, image folders) have their split and batch sizes checked now."""
+    """Export (or reuse) the source's samples in the configured storage format, its work where ``export``
+    says (workers, engine). Sources that learn their size only by exporting (lfw, image folders) have their
+    split and batch sizes checked now. With ``paths.data_dir=s3://...`` the export is built locally,
+    published to the bucket and read through a local cache (pipeline/data/remote/exporting.py)."""
     from pipeline.data.remote.urls import parse_location
 
-    if parse_location(
-        cfg.paths.data_dir
-    ).is_remote:  # s3://...: built locally, published, read through a cache
+    if parse_location(cfg.paths.data_dir).is_remote:
         from pipeline.data.remote.exporting import export_to_bucket
 
-        exp = export_to_bucket(cfg.source, cfg.storage, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.verify)
+        exp = export_to_bucket(
+            cfg.source, cfg.storage, cfg.paths.data_dir, cfg.paths.cache_dir, cfg.verify, cfg.get("export")
+        )
     else:
-        exp = export(cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify)
+        exp = export(
+            cfg.source, cfg.storage, cfg.paths.data_dir, verify=cfg.verify, export_cfg=cfg.get("export")
+        )
     check_sizes(cfg, len(exp.labels))
     return exp
 

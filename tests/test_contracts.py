@@ -164,6 +164,12 @@ HOOKS = {
     "share_with_workers",
     "__getitems__",
     "read_into",
+    "part_writer",
+    "part_args",
+    "commit",
+    "pieces",
+    "read_piece",
+    "build_parallel",
 }
 
 

@@ -233,10 +233,31 @@ class ProgressConfig:
     log_every_s: float = number(30.0, at_least=0.0, valid="seconds >= 0 (0: no lines)")
 
 
+class ExportEngine(Choice):
+    local = "local"  # worker processes on this machine (1 worker: this process, the serial path)
+    dask = "dask"  # a Dask distributed cluster: export.address, or a local one started for the export
+
+
+@dataclass
+class ExportConfig:
+    """Where the export's work runs (pipeline/data/engines/); not part of the export's fingerprint: the
+    files and content_sha256 are the same for any setting."""
+
+    # auto: the CPUs this process may use (cgroup quota, affinity); 1: the serial path in this process
+    workers: Any = auto_or_at_least(1, "auto")
+    engine: ExportEngine = ExportEngine.local
+    # a Dask scheduler to join (engine=dask), e.g. tcp://10.0.0.5:8786; null: a local cluster for the export
+    address: Optional[str] = text(
+        None, optional=True, valid="null or a Dask scheduler address, e.g. tcp://h:8786"
+    )
+    tasks_per_worker: int = at_least(1, 4)  # pieces in flight per worker: memory holds this x workers pieces
+
+
 @dataclass
 class Config:
     source: SourceConfig = MISSING
     storage: StorageConfig = MISSING
+    export: ExportConfig = field(default_factory=ExportConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)

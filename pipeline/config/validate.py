@@ -10,6 +10,7 @@ Where each rule lives:
   formats' own dataclasses included;
 - a source's or a storage format's rules across its own keys, or what a format needs of the source, are
   its ``validate`` (pipeline/data/sources/base.py, pipeline/data/storage/base.py);
+- the ``export`` node's rules across its keys: pipeline/data/engines/ (``check_export_config``);
 - what remains here crosses config groups: names of the chosen options, split and batch sizes against
   the sample count, models and transforms that need image samples, the tracking intervals, the memory
   budget against what the process already holds.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.checks import TRISTATE, ConfigError, check_fields, require
+from pipeline.data.engines import check_export_config
 from pipeline.metrics import OBJECTIVES  # metrics logged every epoch that have a direction
 
 __all__ = ["ConfigError", "OBJECTIVES", "check_sizes", "validate"]
@@ -54,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
     _check_tracking(cfg.tracking)
     _check_memory_budget(cfg.trainer.memory_budget_mb)
     _check_data_dir(cfg, known_formats[sto.name])
+    check_export_config(cfg)
 
 
 def _check_data_dir(cfg: DictConfig, fmt) -> None:

@@ -1,14 +1,20 @@
 """Export stage: write a source's samples to disk in a storage format, once.
 
     from pipeline.data.export import export
-    exp = export(cfg.source, cfg.storage, data_dir="outputs/data")
-    exp.root, exp.spec, exp.labels, exp.reused
+    exp = export(cfg.source, cfg.storage, data_dir="outputs/data", export_cfg=cfg.export)
+    exp.root, exp.spec, exp.labels, exp.reused, exp.throughput
 
 The export is ``<data_dir>/<source>-<storage>-<fingerprint>/`` (the fingerprint hashes both configs
 and the layout version). It is built in a hidden temporary folder and renamed into place complete and
 synced, under a per-export lock: a folder with that name is always complete, concurrent jobs build it
 once, and a complete export is reused, never rewritten. Its files are checked on every open
-(pipeline/data/integrity.py).
+(pipeline/data/integrity.py). A build killed half-way leaves only its temp folder, which the next build
+(holding the lock) deletes before starting again.
+
+``export_cfg`` (the ``export`` config node: ``workers``, ``engine``, ``address``) says where the work runs
+(pipeline/data/engines/; the write loop: pipeline/data/writing.py). It is not part of the fingerprint: the
+files and ``content_sha256`` are the same for any number of workers and any engine. The manifest's
+``throughput`` records how this build ran: workers, engine, samples/s and MB/s over the build's seconds.
 """
 
 from __future__ import annotations
@@ -28,17 +34,19 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from pipeline import fsio, progress
+from pipeline import fsio
 from pipeline.data import quantize
 from pipeline.data.integrity import MANIFEST, ExportError, IntegrityError, check_files, write_file_list
 from pipeline.data.readers.files import LOCAL, ExportFiles
-from pipeline.data.sources import SampleSpec, build_source, get_source
+from pipeline.data.sources import SampleSpec, get_source
 from pipeline.data.storage import get_format
 
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2  # 2: files.json with per-file digests
 LABELS = "labels.npy"
+# content_sha256: SHA-256 of the samples' SHA-256s (stored bytes + int64 label) in id order (data/writing.py)
+CONTENT_DIGEST = "sha256 of per-sample sha256s"
 
 
 MANIFEST_KEYS = ("fingerprint", "name", "source", "storage", "num_samples", "shape", "dtype", "num_classes")
@@ -68,6 +76,11 @@ class Export:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def throughput(self) -> dict | None:
+        """How the build ran (workers, engine, samples_per_s, mb_per_s); None for older exports."""
+        return self.manifest.get("throughput")
 
     @property
     def stored_sample_bytes(self) -> float:
@@ -178,8 +191,9 @@ def open_export(root: Path, verify: bool = False) -> Export:
     return Export(root=root, manifest=manifest, labels=labels, reused=True)
 
 
-def export(source_cfg, storage_cfg, data_dir, verify: bool = False) -> Export:
-    """Return the export for these configs, building it first if no complete one exists.
+def export(source_cfg, storage_cfg, data_dir, verify: bool = False, export_cfg=None) -> Export:
+    """Return the export for these configs, building it first if no complete one exists (its work where
+    ``export_cfg`` says; None: in this process).
 
     A reused export is checked (cheaply, or every digest with ``verify``); a build that fails for lack
     of space or permission raises ExportError saying so, and leaves nothing under the published name.
@@ -207,7 +221,7 @@ def export(source_cfg, storage_cfg, data_dir, verify: bool = False) -> Export:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = data_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
         try:
-            _build(tmp, source_cfg, storage_cfg, name)
+            _build(tmp, source_cfg, storage_cfg, name, export_cfg)
             os.rename(tmp, final)
             fsio.fsync_dir(data_dir)
         except BaseException as err:
@@ -240,53 +254,37 @@ def _write_failure(err: OSError, data_dir: Path, final: Path) -> str:
     )
 
 
-def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
+def _build(tmp: Path, source_cfg, storage_cfg, name: str, export_cfg=None) -> None:
+    from pipeline.data.engines import open_engine
+    from pipeline.data.writing import write_samples
+
     t0 = time.perf_counter()
-    source = build_source(source_cfg)
-    spec = source.spec
-    divisor = None  # storage.dtype=uint8: 8-bit codes of the source's values (pipeline/data/quantize.py)
-    if str(storage_cfg.get("dtype", "source")) == "uint8":
-        divisor = quantize.divisor_for(source_cfg)
-        spec = dataclasses.replace(spec, dtype="uint8", divisor=divisor)
-    elif spec.dtype == "uint8":
-        divisor = quantize.DEFAULT_DIVISOR
-    need, free = spec.num_samples * spec.sample_bytes, shutil.disk_usage(tmp.parent).free
-    if need > free:  # a lower bound (formats add overhead): refuse before writing anything
-        raise ExportError(
-            f"not enough disk space for {name}: its {spec.num_samples} samples need at least "
-            f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free in {tmp.parent}; free space or set paths.data_dir"
-        )
-    tmp.mkdir(parents=True)
-    writer = get_format(storage_cfg.name).writer(tmp, spec, storage_cfg)
-    labels = np.empty(spec.num_samples, dtype=np.int64)
-    digest = hashlib.sha256()
-    done = 0
-    log.info(
-        "export: writing %d samples of %s %s to %s",
-        spec.num_samples,
-        spec.shape,
-        spec.dtype,
-        tmp.parent / name,
-    )
-    for x, y in progress.samples(source.chunks(), spec.num_samples, "export", spec.sample_bytes):
-        if spec.dtype == "uint8":
-            x = quantize.encode(x, divisor, first_id=done)  # refuses a value that would not round-trip
-        x = np.ascontiguousarray(x, dtype=spec.dtype)
-        if x.shape[1:] != spec.shape or len(x) != len(y):
+    kind = get_source(source_cfg.name)
+    with open_engine(export_cfg) as engine:
+        if engine.in_process:
+            source = kind.build(source_cfg)
+        else:  # the source's own work of building (an image folder's check) on the workers too
+            source = kind.build_parallel(source_cfg, engine.pmap, engine.workers)
+        spec = source.spec
+        divisor = None  # storage.dtype=uint8: 8-bit codes of the source's values (pipeline/data/quantize.py)
+        if str(storage_cfg.get("dtype", "source")) == "uint8":
+            divisor = quantize.divisor_for(source_cfg)
+            spec = dataclasses.replace(spec, dtype="uint8", divisor=divisor)
+        elif spec.dtype == "uint8":
+            divisor = quantize.DEFAULT_DIVISOR
+        need, free = spec.num_samples * spec.sample_bytes, shutil.disk_usage(tmp.parent).free
+        if need > free:  # a lower bound (formats add overhead): refuse before writing anything
             raise ExportError(
-                f"source chunk has shape {x.shape} with {len(y)} labels; expected samples of {spec.shape}"
+                f"not enough disk space for {name}: its {spec.num_samples} samples need at least "
+                f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free in {tmp.parent}; free space or set "
+                "paths.data_dir"
             )
-        if done + len(y) > spec.num_samples:
-            raise ExportError(f"source yielded more than the {spec.num_samples} samples it declared")
-        writer.write(x, y)
-        labels[done : done + len(y)] = y
-        digest.update(x.tobytes())
-        digest.update(np.asarray(y, dtype=np.int64).tobytes())
-        done += len(y)
-    writer.close()
-    if done != spec.num_samples:
-        raise ExportError(f"source yielded {done} samples, declared {spec.num_samples}")
-    np.save(tmp / LABELS, labels, allow_pickle=False)
+        tmp.mkdir(parents=True)
+        writer = get_format(storage_cfg.name).writer(tmp, spec, storage_cfg)
+        log.info("export: writing to %s", tmp.parent / name)
+        written = write_samples(engine, kind, source_cfg, source, spec, divisor, writer, tmp)
+    done = written.done
+    np.save(tmp / LABELS, written.labels, allow_pickle=False)
     fsio.sync_tree(tmp)  # every sample on disk before the manifest says the export is complete
     writer.after_sync()  # a format's step once its files are on disk (shards: uncache them)
     files = write_file_list(tmp, writer.digests)  # size, mtime, sha256 per file
@@ -298,6 +296,7 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         extra["format_identity"] = identity
     if writer.stored_bytes:  # a format that compresses: mean bytes per stored sample
         extra["stored_sample_bytes"] = writer.stored_bytes / max(done, 1)
+    seconds = time.perf_counter() - t0
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "fingerprint": name.rsplit("-", 1)[-1],
@@ -310,10 +309,25 @@ def _build(tmp: Path, source_cfg, storage_cfg, name: str) -> None:
         "num_classes": spec.num_classes,
         "class_names": list(spec.class_names),
         **extra,
-        "content_sha256": digest.hexdigest(),
+        "content_sha256": written.content_sha256,
+        "content_digest": CONTENT_DIGEST,
         "files": files,
-        "export_seconds": round(time.perf_counter() - t0, 3),
+        "export_seconds": round(seconds, 3),
+        "throughput": {
+            "workers": written.workers,
+            "engine": written.engine,
+            "samples_per_s": round(done / seconds, 1),
+            "mb_per_s": round(files["bytes"] / 1e6 / seconds, 2),
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     fsio.atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    log.info("export: %d samples, %.1f MB in %.2f s", done, files["bytes"] / 1e6, time.perf_counter() - t0)
+    log.info(
+        "export: %d samples, %.1f MB in %.2f s (%.0f samples/s, %.1f MB/s, %s)",
+        done,
+        files["bytes"] / 1e6,
+        seconds,
+        done / seconds,
+        files["bytes"] / 1e6 / seconds,
+        f"{written.workers} workers, {written.engine}" if written.engine != "serial" else "serial",
+    )

@@ -1,7 +1,7 @@
 """What a job records about each of its stages, so that pipeline/job.py reads as the list of stages.
 
     with JobRecorder(cfg, resume) as rec:         # the MLflow run (rank 0 only), its memory sampler
-        rec.export(exp)                           # tags, params and artifacts of each stage ...
+        rec.export(exp)                           # tags, artifacts and the export's figures (when built)
         rec.split(exp, split)                     # dataset inputs, split.npz, sample grid
         rec.threads(n)                            # param torch.num_threads
         rec.loading(device)                       # memory sampling starts (storage=ram loads now)
@@ -111,6 +111,9 @@ class JobRecorder:
     # ---- the stages ----
 
     def export(self, exp) -> None:
+        """Tags naming the export, its manifest as an artifact, and -- when this job built it -- how fast
+        (``export/samples_per_s``, ``export/mb_per_s``, ``export/workers``: the manifest's throughput). A
+        reused export logs no figures: this run did not do that work."""
         from pipeline.data.integrity import MANIFEST
 
         self.tr.set_tags(
@@ -122,6 +125,17 @@ class JobRecorder:
             }
         )
         self.tr.log_artifact(exp.root / MANIFEST, "data")
+        speed = exp.throughput
+        if not exp.reused and speed:
+            self.tr.log_metrics(
+                {
+                    "export/samples_per_s": float(speed["samples_per_s"]),
+                    "export/mb_per_s": float(speed["mb_per_s"]),
+                    "export/workers": float(speed["workers"]),
+                },
+                step=0,
+            )
+            self.tr.set_tags({"export.engine": str(speed["engine"])})
 
     def split(self, exp, split) -> None:
         from pipeline.data.partition import save_split

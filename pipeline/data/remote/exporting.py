@@ -41,7 +41,9 @@ def cache_for(store, cache_dir, limit_mb: float):
     return ObjectCache(store, Path(cache_dir) / CACHE_FOLDER, limit_bytes=int(limit_mb * 1e6))
 
 
-def export_to_bucket(source_cfg, storage_cfg, data_dir: str, cache_dir, verify: bool = False):
+def export_to_bucket(
+    source_cfg, storage_cfg, data_dir: str, cache_dir, verify: bool = False, export_cfg=None
+):
     from pipeline.data.export import LABELS, Export, export, export_name
     from pipeline.data.integrity import IntegrityError
     from pipeline.data.remote.files import RemoteFiles
@@ -56,7 +58,7 @@ def export_to_bucket(source_cfg, storage_cfg, data_dir: str, cache_dir, verify: 
     reused = remote_manifest(loc, name, store) is not None
     if not reused:
         staging = Path(cache_dir) / STAGING_FOLDER
-        local = export(source_cfg, storage_cfg, staging, verify=verify)
+        local = export(source_cfg, storage_cfg, staging, verify=verify, export_cfg=export_cfg)
         log.info("export: publishing %s to %s", local.root.name, loc.url(name))
         pub = publish(local.root, loc)
         log.info(

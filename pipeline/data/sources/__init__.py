@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pipeline.data.sources.base import SampleSpec, Source, SourceKind, chunked
+from pipeline.data.sources.base import Piece, SampleSpec, Source, SourceKind, chunked
 
-__all__ = ["SampleSpec", "Source", "SourceKind", "build_source", "chunked", "get_source", "sources"]
+__all__ = ["Piece", "SampleSpec", "Source", "SourceKind", "build_source", "chunked", "get_source", "sources"]
 
 _SOURCES: dict[str, SourceKind] = {}
 _DISCOVERED = False

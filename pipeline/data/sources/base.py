@@ -18,6 +18,19 @@ folder; in the export's fingerprint), ``eight_bit(cfg)`` (the divisor d such tha
 float32(k) / float32(d) for a k in 0..255, or the reason there is none: 8-bit storage, pipeline/data/
 quantize.py) and ``validate(cfg)`` (checks across the source's own keys, as ``ConfigError``).
 
+**Parallel exports** (pipeline/data/writing.py) use three more hooks, whose defaults keep a source serial:
+``pieces(cfg, source, workers)`` splits a built source into independent ``Piece``s -- runs of consecutive
+samples, in sample order, each described by something small and picklable (files of an image folder, a
+block of the synthetic source) -- and ``read_piece(cfg, piece)`` reads one of them in a worker process (it
+gets the source's config as a plain, resolved ``DictConfig``, never the built source), so that reading,
+decoding and resizing run on every core. Default: None, the source is read by ``chunks()`` in the exporting
+process, whose chunks the workers still convert and write: lfw and digits, in memory once loaded, keep it
+(their chunks are ranges of the loaded arrays, shipped to the workers).
+``build_parallel(cfg, pmap, workers)`` builds the source with ``pmap(fn, items)``, an ordered map that may
+run the picklable ``fn`` in the ``workers`` worker processes, for the work of building (an image folder's
+check of every file); default: ``build(cfg)``. Whatever a worker reads must not depend on which worker
+reads it, or on how many there are: the export's content is the same for any number of workers.
+
 Source modules import nothing heavy at import time (scikit-learn, Pillow: inside ``build``): the config
 layer imports them to register their schemas when Hydra composes.
 """
@@ -25,7 +38,7 @@ layer imports them to register their schemas when Hydra composes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import numpy as np
 
@@ -51,6 +64,17 @@ class Source(Protocol):
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
+
+@dataclass(frozen=True)
+class Piece:
+    """``n`` consecutive samples that a worker process reads alone (``SourceKind.read_piece``); ``ref`` says
+    which, small and picklable: a block index, a tuple of files."""
+
+    n: int
+    ref: Any
+
+
+PMap = Callable[[Callable, Iterable], Iterator]  # an ordered map, maybe over worker processes
 
 NOT_EIGHT_BIT = "its values are not 8-bit"
 
@@ -79,6 +103,19 @@ class SourceKind:
 
     def validate(self, cfg) -> None:
         """Raise ConfigError for a bad combination of this source's options (``cfg.source``)."""
+
+    def build_parallel(self, cfg, pmap: PMap, workers: int) -> Source:
+        """``build``, with ``pmap`` for the work of building (module docstring). Default: ``build(cfg)``."""
+        return self.build(cfg)
+
+    def pieces(self, cfg, source: Source, workers: int) -> list[Piece] | None:
+        """The built ``source`` as independent pieces in sample order (their ``n`` sum to the sample count),
+        for ``workers`` processes; None (the default): not split, read serially by ``chunks()``."""
+        return None
+
+    def read_piece(self, cfg, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, y)`` of one piece of ``pieces``, in a worker process; ``cfg``: the source's config."""
+        raise NotImplementedError(f"source {self.name!r} splits into pieces but cannot read them")
 
 
 def is_image(shape, *, rgb_only: bool = False) -> bool:

@@ -25,14 +25,24 @@ a class folder are not followed. Hidden files and folders (``.name``) are ignore
 The export's fingerprint includes ``identity()``: a digest of the listed files' paths, sizes and
 modification times, so adding, removing or editing an image gives a new export instead of reusing
 a stale one.
+
+With ``export.workers`` > 1 (pipeline/data/writing.py) both passes run in worker processes: the
+check (``build_parallel``) over runs of files, whose problems come back to the exporting process,
+which skips or fails on them in listing order exactly as the serial check does; and the export,
+whose pieces are runs of at most ``chunk_size`` files (fewer when that gives each worker several)
+that each worker decodes and resizes. A file that fails to decode there fails the export naming it,
+whichever worker met it. Pieces carry absolute paths: workers on other machines need the folder at
+the same path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import List
 
@@ -41,7 +51,7 @@ from omegaconf import MISSING, OmegaConf
 
 from pipeline.config.checks import ConfigError, at_least, constrained, int_list
 from pipeline.config.schema import Choice, SourceConfig
-from pipeline.data.sources.base import SampleSpec, SourceKind
+from pipeline.data.sources.base import Piece, SampleSpec, SourceKind
 
 
 class ImageMode(Choice):
@@ -166,20 +176,62 @@ def _check_file(path: Path, full: bool) -> None:
         img.verify()
 
 
+def check_files(full: bool, paths: tuple[str, ...]) -> list[tuple[int, str]]:
+    """(index, why) of each file of ``paths`` that Pillow cannot read (in a worker process, or not)."""
+    bad = []
+    for j, path in enumerate(paths):
+        try:
+            _check_file(Path(path), full)
+        except Exception as err:  # Pillow raises many types for bad data
+            bad.append((j, f"{type(err).__name__}: {err}"))
+    return bad
+
+
+def read_files(paths, labels, mode: str, size_hw: tuple[int, int], shape) -> tuple[np.ndarray, np.ndarray]:
+    """The samples of ``paths`` (decoded, upright, resized) and their labels; a file that cannot be decoded
+    raises ImageFolderError naming it."""
+    x = np.empty((len(paths), *shape), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            x[i] = _open(Path(path), mode, size_hw)
+        except Exception as err:
+            raise ImageFolderError(
+                f"{path} passed the listing check but cannot be decoded "
+                f"({type(err).__name__}: {err}); remove it, or use source.check=full so that "
+                "on_error=skip can leave such files out"
+            ) from err
+    return x, np.asarray(labels, dtype=np.int64)
+
+
+def runs(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of at most ``size`` items covering ``range(n)``."""
+    return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
+
+
+def piece_size(n: int, chunk_size: int, workers: int) -> int:
+    """Files per piece: at most ``chunk_size``, and few enough that each worker gets about four pieces (so a
+    slow piece does not leave the others idle at the end)."""
+    return max(1, min(chunk_size, math.ceil(n / (4 * max(1, workers)))))
+
+
 class ImageFolderSource:
-    def __init__(self, cfg) -> None:
-        self.mode = cfg.mode
+    def __init__(self, cfg, pmap=map, workers: int = 1) -> None:
+        self.mode = str(cfg.mode)
         self.size = (int(cfg.size[0]), int(cfg.size[1]))
         self.chunk_size = int(cfg.chunk_size)
         listing = _Listing(cfg)
         self.root = listing.root
         full = cfg.check == "full"
+        paths = [os.path.abspath(e.path) for e in listing.entries]
+        spans = runs(len(paths), piece_size(len(paths), self.chunk_size, workers))
+        bad: dict[int, str] = {}
+        found = pmap(partial(check_files, full), [tuple(paths[a:b]) for a, b in spans])
+        for (a, _), problems in zip(spans, found):
+            bad.update((a + j, why) for j, why in problems)
         self.entries: list[Entry] = []
-        for entry in listing.entries:
-            try:
-                _check_file(entry.path, full)
-            except Exception as err:  # Pillow raises many types for bad data
-                listing.problem(entry.path, f"is not a readable image ({type(err).__name__}: {err})")
+        for i, entry in enumerate(listing.entries):  # skipped or fatal in listing order, as the serial check
+            if i in bad:
+                listing.problem(entry.path, f"is not a readable image ({bad[i]})")
                 continue
             self.entries.append(entry)
         self.skipped = listing.problems
@@ -202,17 +254,23 @@ class ImageFolderSource:
     def chunks(self):
         for start in range(0, len(self.entries), self.chunk_size):
             part = self.entries[start : start + self.chunk_size]
-            x = np.empty((len(part), *self.spec.shape), dtype=np.uint8)
-            for i, entry in enumerate(part):
-                try:
-                    x[i] = _open(entry.path, self.mode, self.size)
-                except Exception as err:
-                    raise ImageFolderError(
-                        f"{entry.path} passed the listing check but cannot be decoded "
-                        f"({type(err).__name__}: {err}); remove it, or use source.check=full so that "
-                        "on_error=skip can leave such files out"
-                    ) from err
-            yield x, np.array([e.label for e in part], dtype=np.int64)
+            yield read_files(
+                [e.path for e in part], [e.label for e in part], self.mode, self.size, self.spec.shape
+            )
+
+    def pieces(self, workers: int) -> list[Piece]:
+        """Runs of files (absolute paths) and their labels: ``piece_size`` files each."""
+        n = len(self.entries)
+        return [
+            Piece(
+                b - a,
+                (
+                    tuple(os.path.abspath(e.path) for e in self.entries[a:b]),
+                    tuple(e.label for e in self.entries[a:b]),
+                ),
+            )
+            for a, b in runs(n, piece_size(n, self.chunk_size, workers))
+        ]
 
 
 class ImageFolder(SourceKind):
@@ -222,6 +280,17 @@ class ImageFolder(SourceKind):
 
     def build(self, cfg) -> ImageFolderSource:
         return ImageFolderSource(cfg)
+
+    def build_parallel(self, cfg, pmap, workers: int) -> ImageFolderSource:
+        """The listing's check of every file in runs over ``pmap`` (the worker processes)."""
+        return ImageFolderSource(cfg, pmap, workers)
+
+    def pieces(self, cfg, source: ImageFolderSource, workers: int) -> list[Piece]:
+        return source.pieces(workers)
+
+    def read_piece(self, cfg, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        paths, labels = piece.ref
+        return read_files(paths, labels, str(cfg.mode), (int(cfg.size[0]), int(cfg.size[1])), self.shape(cfg))
 
     def shape(self, cfg) -> tuple[int, ...]:
         return (int(cfg.size[0]), int(cfg.size[1])) + (() if str(cfg.mode) == "L" else (3,))

@@ -4,6 +4,10 @@ Sample i belongs to block i // block_size; each block is drawn from its own gene
 (seed, block), so any block can be produced without the ones before it and the whole set is never
 held in memory. Class c has a fixed random prototype; a sample is its class prototype plus noise,
 so the data is learnable.
+
+A parallel export (pipeline/data/writing.py) reads the blocks in worker processes: each is a ``Piece``
+(its index), generated there from the config alone (each worker builds the prototypes once), so the
+samples are the same whichever process draws them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from pipeline.config.checks import at_least, int_list, number
 from pipeline.config.schema import Choice, SourceConfig
-from pipeline.data.sources.base import SampleSpec, SourceKind
+from pipeline.data.sources.base import Piece, SampleSpec, SourceKind
 
 
 class SampleDtype(Choice):
@@ -65,20 +69,39 @@ class SyntheticSource:
             yield self.block(b)
 
 
+_BUILT: dict[tuple, SyntheticSource] = {}  # per process: the source a worker reads blocks of
+
+
+def _key(cfg) -> tuple:
+    return (
+        int(cfg.num_samples),
+        tuple(int(d) for d in cfg.shape),
+        int(cfg.num_classes),
+        str(cfg.dtype),
+        int(cfg.seed),
+        float(cfg.noise),
+        int(cfg.block_size),
+    )
+
+
 class Synthetic(SourceKind):
     name = "synthetic"
     config = SyntheticConfig
 
     def build(self, cfg) -> SyntheticSource:
-        return SyntheticSource(
-            num_samples=cfg.num_samples,
-            shape=list(cfg.shape),
-            num_classes=cfg.num_classes,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            noise=cfg.noise,
-            block_size=cfg.block_size,
-        )
+        return SyntheticSource(*_key(cfg))
+
+    def pieces(self, cfg, source: SyntheticSource, workers: int) -> list[Piece]:
+        """One piece per block (the blocks are part of the data's definition)."""
+        n, size = source.spec.num_samples, source.block_size
+        return [Piece(min(size, n - b * size), b) for b in range(-(-n // size))]
+
+    def read_piece(self, cfg, piece: Piece):
+        key = _key(cfg)
+        if key not in _BUILT:
+            _BUILT.clear()
+            _BUILT[key] = SyntheticSource(*key)
+        return _BUILT[key].block(int(piece.ref))
 
     def count(self, cfg) -> int:
         return int(cfg.num_samples)

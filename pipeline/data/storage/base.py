@@ -20,7 +20,17 @@ Three contracts, each a base class whose optional hooks have defaults (nothing i
   and what it needs of the source, as ``ConfigError``s before any work).
 - ``Writer``: ``write(x, y)`` for consecutive chunks, then ``close()``; ``after_sync()`` once every file is
   on disk; ``stored_bytes`` (a compressing format's bytes of all samples) and ``digests`` (files it hashed
-  while writing) for the export's manifest.
+  while writing) for the export's manifest. For a parallel export (pipeline/data/writing.py), the per-chunk
+  work that can run in a worker process: ``part_writer()`` returns a ``PartWriter`` (picklable, no open
+  files) whose ``write(first, x, y, args)`` runs in a worker on samples ``first .. first + len(x) - 1`` --
+  encoding them, writing them to their places in files the Writer created, or to a part file of its own in
+  the export's temp folder -- and returns something small; the exporting process passes that to
+  ``commit(first, n, result)`` in sample order, then calls ``close()`` as after ``write``s. ``part_args(first,
+  n)`` is what one part needs from the Writer (shards: the records its samples go to). The parts' files must
+  be the same bytes for any split into parts and any number of workers. Default: no ``PartWriter``, the
+  exporting process ``write``s every chunk (the workers still read and convert them). What finishes the
+  files once every part is in can run on the workers too: ``finish_tasks()`` (default: none; ``close`` does
+  it).
 - ``BatchedDataset``: a map-style dataset over sample ids ``ids`` that reads whole batches:
   ``read_into(request, out)`` fills ``out`` (``len(request)`` samples of ``spec.shape`` / ``spec.dtype``)
   with the samples at ``request.positions`` (a batch or a part of one), ``release(request)`` once a batch is
@@ -56,6 +66,15 @@ def reader_index() -> int:
     return _READER
 
 
+class PartWriter:
+    """The work of a ``Writer`` that a worker process does on a part of the samples (module docstring).
+    Pickled to the workers: it holds paths and sizes, never open files (a worker opens its own)."""
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> object:
+        """Write (or prepare) samples ``first .. first + len(x) - 1``; return what ``Writer.commit`` needs."""
+        raise NotImplementedError
+
+
 class Writer:
     """Writes consecutive chunks of samples; the export calls ``write`` per chunk, then ``close``."""
 
@@ -70,6 +89,28 @@ class Writer:
 
     def after_sync(self) -> None:
         """Called once every file is on disk (e.g. drop the written files from the page cache)."""
+
+    def part_writer(self) -> PartWriter | None:
+        """What a worker process runs per part of the samples; None (the default): ``write`` does it all."""
+        return None
+
+    def part_args(self, first: int, n: int) -> object:
+        """What the part of samples ``first .. first + n - 1`` needs from this Writer (default: nothing)."""
+        return None
+
+    def commit(self, first: int, n: int, result) -> None:
+        """The part of samples ``first .. first + n - 1`` is written; ``result``: its ``PartWriter.write``'s.
+        Called in sample order."""
+
+    def finish_tasks(self) -> list | None:
+        """After the last ``commit``: independent tasks (picklable, each with a ``run()``) that finish the
+        files, which the export runs on its workers (encoded: one per shard, assembled from the part files),
+        then passes their results in order to ``finished`` before ``close``. None (the default): ``close``
+        does all that is left."""
+        return None
+
+    def finished(self, results: list) -> None:
+        """The ``finish_tasks`` ran; ``results``: what each ``run()`` returned, in order."""
 
 
 def passthrough_collate(batch):

@@ -19,7 +19,11 @@ bytes), the codec and the layout. A shard closes once its records reach ``storag
 
 The writer encodes each chunk (threads: Pillow's encoders release the GIL) and appends the records to a
 spill file in id order; at ``close`` it writes each shard front to back, its records read from the spill in
-placement order, and removes the spill -- never more than a chunk of samples or one shard in memory.
+placement order, and removes the spill -- never more than a chunk of samples or one shard in memory. In a
+parallel export each worker encodes its parts (``EncodePart``) into part files of their own
+(``encoded/parts/``, in the export's temp folder) and returns each record's size and CRC-32; ``close`` then
+reads the records from the part files instead of the spill. A record's bytes depend only on its sample, so
+the shards are the same bytes for any split into parts and any number of workers.
 
 Reading is ``shards``' (pipeline/data/storage/sharded.py): buffers of ``storage.shuffle_buffer_shards``
 shards read sequentially (``storage.buffers``: memory, mapped, auto), shuffled in memory; ``read_into``
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from pipeline.data.codec import Codec, CodecError, problem
 from pipeline.data.integrity import ExportError, IntegrityError, sample_error
 from pipeline.data.readers.files import LOCAL, RecordFile
 from pipeline.data.sources.base import is_image
-from pipeline.data.storage.base import StorageFormat
+from pipeline.data.storage.base import PartWriter, StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
 from pipeline.data.storage.sharded import (
     PLACEMENT,
@@ -69,6 +74,7 @@ INDEX = "index.json"
 OFFSETS = "offsets.npy"
 CRC = "crc32.npy"
 SPILL = "records.spill"
+PARTS = "parts"  # a parallel export's part files (removed by close)
 LAYOUT = 1
 
 
@@ -115,8 +121,83 @@ def shard_cuts(sizes: np.ndarray, shard_bytes: float) -> np.ndarray:
     return shard.reshape(-1).astype(np.int64)
 
 
+def part_name(first: int) -> str:
+    return f"part-{first:012d}.bin"
+
+
+class EncodePart(PartWriter):
+    """A worker's side of the Writer: encodes a part's samples into ``parts/part-<first>.bin``; returns each
+    record's size and CRC-32."""
+
+    def __init__(self, folder: Path, codec: Codec) -> None:
+        self.folder, self.codec = Path(folder), codec
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
+        blobs = [self.codec.encode(sample) for sample in x]
+        with open(self.folder / part_name(first), "wb") as fh:
+            fh.write(b"".join(blobs))
+        sizes = np.array([len(b) for b in blobs], dtype=np.int64)
+        return sizes, np.array([zlib.crc32(b) for b in blobs], dtype=np.uint32)
+
+
+class _Readers:
+    """Read descriptors of the record files (the spill, the part files), at most ``MAX_OPEN`` open."""
+
+    MAX_OPEN = 256
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.fds = paths, {}
+
+    def fd(self, k: int) -> int:
+        fd = self.fds.get(k)
+        if fd is None:
+            if len(self.fds) >= self.MAX_OPEN:
+                self.close()
+            fd = self.fds[k] = os.open(self.paths[k], os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # record by record: no readahead
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+SPILL_SOURCE = -1  # a record source that is the spill, not a part file (parts are named by their first id)
+
+
+class AssembleShard:
+    """Shard ``shard`` written front to back, its records read from their sources (``sources[which[j]]``: the
+    spill, or the part file of that first id) at ``at[j]``, ``lens[j]`` bytes each. Picklable: a parallel
+    export runs these on its workers (``Writer.finish_tasks``), a serial one in ``close``."""
+
+    def __init__(self, folder: Path, shard: int, sources, which, at, lens) -> None:
+        self.folder, self.shard = Path(folder), int(shard)
+        self.sources, self.which = np.asarray(sources), np.asarray(which, dtype=np.int64).reshape(-1)
+        self.at, self.lens = np.asarray(at, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+
+    def run(self) -> int:
+        paths = [
+            self.folder / (SPILL if f == SPILL_SOURCE else f"{PARTS}/{part_name(f)}") for f in self.sources
+        ]
+        readers = _Readers(paths)
+        data = bytearray(int(self.lens.sum()))
+        view, at = memoryview(data), 0
+        try:
+            for k, offset, length in zip(self.which.tolist(), self.at.tolist(), self.lens.tolist()):
+                if os.preadv(readers.fd(k), [view[at : at + length]], offset) != length:
+                    raise ExportError(f"{paths[k]} ended early (shard {self.shard})")
+                at += length
+        finally:
+            readers.close()
+        with open(self.folder / shard_name(self.shard), "wb") as fh:
+            fh.write(data)
+        return len(data)
+
+
 class Writer(BaseWriter):
-    """Encodes each chunk into a spill file (id order); ``close`` writes the shards in placement order."""
+    """Encodes each chunk into a spill file (id order), or takes the part files workers encoded
+    (``commit``); ``close`` writes the shards in placement order (or the workers did: ``finish_tasks``)."""
 
     def __init__(self, root: Path, spec, cfg) -> None:
         if spec.dtype != "uint8" or not is_image(spec.shape, rgb_only=True):
@@ -132,52 +213,85 @@ class Writer(BaseWriter):
         self.sizes = np.zeros(spec.num_samples, dtype=np.int64)
         self.crc = np.zeros(spec.num_samples, dtype=np.uint32)
         self.spill = open(self.folder / SPILL, "wb")
-        self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
+        self.pool = None  # encoding threads, started by the first ``write``
         self.next_id = 0
+        self.spill_end = 0
+        self.sources = [SPILL_SOURCE]  # where records are before close: the spill, then part files (firsts)
+        self.file_of = np.zeros(spec.num_samples, dtype=np.int32)  # each sample's record file (its source)
+        self.at = np.zeros(spec.num_samples, dtype=np.int64)  # and its record's offset there
         self.paths: list[Path] = []
         self.stored_bytes = 0  # encoded bytes of all records (the export records it per sample)
+        self.plan = None  # what close writes: computed once every record's size is known
+        self.assembled = False  # the shards were written by the export's workers (finish_tasks)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
         blobs = list(self.pool.map(self.codec.encode, x))
-        a = self.next_id
-        self.sizes[a : a + len(blobs)] = [len(b) for b in blobs]
-        self.crc[a : a + len(blobs)] = [zlib.crc32(b) for b in blobs]
+        a, b = self.next_id, self.next_id + len(blobs)
+        self.sizes[a:b] = [len(blob) for blob in blobs]
+        self.crc[a:b] = [zlib.crc32(blob) for blob in blobs]
+        self.at[a:b] = self.spill_end + np.cumsum(self.sizes[a:b]) - self.sizes[a:b]
         self.spill.write(b"".join(blobs))
-        self.next_id += len(blobs)
+        self.spill_end += int(self.sizes[a:b].sum())
+        self.next_id = b
+
+    def part_writer(self) -> EncodePart:
+        (self.folder / PARTS).mkdir(exist_ok=True)
+        return EncodePart(self.folder / PARTS, self.codec)
+
+    def commit(self, first: int, n: int, result) -> None:
+        sizes, crc = result
+        a, b = first, first + n
+        self.sizes[a:b], self.crc[a:b] = sizes, crc
+        self.file_of[a:b] = len(self.sources)
+        self.at[a:b] = np.cumsum(sizes) - sizes
+        self.sources.append(first)
+
+    def _plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[AssembleShard]]:
+        """The sample id of each record, its size, its end in its shard, and a task per shard."""
+        if self.plan is None:
+            n = self.spec.num_samples
+            order = placement(n, self.seed)  # the sample id of each record
+            sizes = self.sizes[order]
+            shard = shard_cuts(sizes, self.shard_bytes)
+            counts = np.bincount(shard, minlength=int(shard[-1]) + 1 if n else 0)
+            ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
+            tasks, first = [], 0
+            for s, count in enumerate(counts.tolist()):
+                ids = order[first : first + count]
+                ends[first : first + count] = np.cumsum(sizes[first : first + count])
+                used, which = np.unique(self.file_of[ids], return_inverse=True)
+                sources = np.asarray(self.sources, dtype=np.int64)[used]
+                tasks.append(
+                    AssembleShard(self.folder, s, sources, which, self.at[ids], sizes[first : first + count])
+                )
+                first += count
+            self.plan = order, sizes, ends, tasks
+        return self.plan
+
+    def finish_tasks(self) -> list[AssembleShard] | None:
+        """A parallel export's shards, one task each, assembled on the workers from the part files."""
+        return self._plan()[3] if len(self.sources) > 1 else None
+
+    def finished(self, results: list) -> None:
+        self.assembled = True
 
     def close(self) -> None:
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.pool.shutdown()
         self.spill.close()
         n = self.spec.num_samples
-        order = placement(n, self.seed)  # the sample id of each record
-        sizes = self.sizes[order]
-        shard = shard_cuts(sizes, self.shard_bytes)
-        num_shards = int(shard[-1]) + 1 if n else 0
-        counts = np.bincount(shard, minlength=num_shards)
-        spill_at = np.cumsum(self.sizes) - self.sizes  # each sample's record in the spill (id order)
-        ends = np.empty(n, dtype=np.int64)  # each record's end in its shard
-        shards, first = [], 0
-        fd = os.open(self.folder / SPILL, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # record by record: no readahead
-            for s, count in enumerate(counts.tolist()):
-                ids, lens = order[first : first + count], sizes[first : first + count]
-                ends[first : first + count] = np.cumsum(lens)
-                data = bytearray(int(lens.sum()))
-                view, at = memoryview(data), 0
-                for sid, length in zip(ids.tolist(), lens.tolist()):
-                    if os.preadv(fd, [view[at : at + length]], int(spill_at[sid])) != length:
-                        raise ExportError(f"{self.folder / SPILL} ended early (sample {sid})")
-                    at += length
-                path = self.folder / shard_name(s)
-                with open(path, "wb") as fh:
-                    fh.write(data)
-                self.paths.append(path)
-                shards.append({"file": shard_name(s), "count": count, "bytes": len(data)})
-                first += count
-        finally:
-            os.close(fd)
+        order, _sizes, ends, tasks = self._plan()
+        if not self.assembled:
+            for task in tasks:
+                task.run()
+        shards = [
+            {"file": shard_name(t.shard), "count": len(t.lens), "bytes": int(t.lens.sum())} for t in tasks
+        ]
+        self.paths = [self.folder / shard_name(t.shard) for t in tasks]
         os.unlink(self.folder / SPILL)
+        shutil.rmtree(self.folder / PARTS, ignore_errors=True)
         np.save(self.folder / PLACEMENT, order, allow_pickle=False)
         np.save(self.folder / OFFSETS, ends, allow_pickle=False)
         np.save(self.folder / CRC, self.crc[order], allow_pickle=False)

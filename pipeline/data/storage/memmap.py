@@ -4,7 +4,8 @@
     ds = Dataset(root, spec, labels, ids)  # ds[i] -> (tensor, label); ds.__getitems__(idx) -> (x, y)
 
 The writer preallocates ``samples.npy`` with ``np.lib.format.open_memmap`` and copies each chunk into
-place, so an export never holds more than one chunk in RAM.
+place, so an export never holds more than one chunk in RAM; in a parallel export each worker ``pwrite``s
+its parts' rows into place (``RowsPart``).
 
 Reading goes through ``RowReader`` (pipeline/data/readers/rows.py), opened lazily in the process that
 reads: each DataLoader worker opens its own; pickling sends only paths, ids and labels. It never lets the
@@ -24,6 +25,7 @@ batch can see.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.files import npy_layout
 from pipeline.data.readers.rows import RowReader
 from pipeline.data.sampling import RandomBatchSampler, ReadAhead
-from pipeline.data.storage.base import BatchedDataset, StorageFormat
+from pipeline.data.storage.base import BatchedDataset, PartWriter, StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
 
 SAMPLES = "samples.npy"
@@ -47,13 +49,33 @@ class MemmapConfig(StorageConfig):
     io_threads: int = at_least(1, 16)  # read-time: threads waiting on a batch's rows the page cache misses
 
 
+class RowsPart(PartWriter):
+    """A worker's side of a Writer of one ``.npy`` of rows: ``pwrite``s a part's rows into place."""
+
+    def __init__(self, path: Path, offset: int, row_bytes: int) -> None:
+        self.path, self.offset, self.row_bytes = path, offset, row_bytes
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> None:
+        data = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            at, view = 0, memoryview(data)
+            while at < len(data):  # pwrite may write less than asked
+                at += os.pwrite(fd, view[at:], self.offset + first * self.row_bytes + at)
+        finally:
+            os.close(fd)
+
+
 class Writer(BaseWriter):
     def __init__(self, root: Path, spec, cfg=None) -> None:
         self.path = Path(root) / SAMPLES
         self.out = np.lib.format.open_memmap(
             self.path, mode="w+", dtype=np.dtype(spec.dtype), shape=(spec.num_samples, *spec.shape)
         )
-        self.next_id = 0
+        self.next_id, self.row_bytes = 0, spec.sample_bytes
+
+    def part_writer(self) -> RowsPart:
+        return RowsPart(self.path, int(self.out.offset), self.row_bytes)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
         self.out[self.next_id : self.next_id + len(x)] = x

@@ -7,6 +7,9 @@ Reading is guarded: a sample that cannot be decoded (truncated, corrupted, a pic
 unpickle) or that decodes to another shape or dtype than the manifest's raises ``SampleReadError``
 naming the file. ``PerSampleFormat.check`` makes sure the export's file list holds one file per sample.
 A batch (``read_into``) loads its samples' files one after the other into the batch's array.
+
+In a parallel export each worker writes its parts' sample files itself (``SamplesPart``: a Writer of the
+same class, in the worker, starting at the part's first id) and returns their digests.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.integrity import IntegrityError, sample_error
-from pipeline.data.storage.base import BatchedDataset, StorageFormat, Writer
+from pipeline.data.storage.base import BatchedDataset, PartWriter, StorageFormat, Writer
 
 FILES_PER_FOLDER = 10_000
 
@@ -43,6 +46,19 @@ def check_samples(root: Path, spec, files: dict[str, int], ext: str) -> None:
         )
 
 
+class SamplesPart(PartWriter):
+    """A worker's side: a Writer of the same class writes the part's samples from its first id."""
+
+    def __init__(self, cls: type, root: Path, spec) -> None:
+        self.cls, self.root, self.spec = cls, root, spec
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> dict[str, str]:
+        writer = self.cls(self.root, self.spec, None)
+        writer.next_id = first
+        writer.write(x, y)
+        return writer.digests
+
+
 class PerSampleWriter(Writer):
     """Writes each sample through memory so its sha256 is known without reading the file back."""
 
@@ -51,6 +67,13 @@ class PerSampleWriter(Writer):
     def __init__(self, root: Path, spec, cfg) -> None:
         self.root, self.spec, self.next_id = Path(root), spec, 0
         self.digests = {}  # relpath -> sha256, used by integrity.write_file_list
+        self.folders: set[int] = set()  # sample folders made
+
+    def part_writer(self) -> SamplesPart:
+        return SamplesPart(type(self), self.root, self.spec)
+
+    def commit(self, first: int, n: int, result: dict[str, str]) -> None:
+        self.digests.update(result)
 
     def save(self, sample: np.ndarray, fh) -> None:
         """Serialise one sample into the binary file object ``fh``."""
@@ -60,8 +83,9 @@ class PerSampleWriter(Writer):
         for sample in x:
             rel = sample_relpath(self.next_id, self.ext)
             path = self.root / rel
-            if self.next_id % FILES_PER_FOLDER == 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            if self.next_id // FILES_PER_FOLDER not in self.folders:
+                path.parent.mkdir(parents=True, exist_ok=True)  # other workers may make it too
+                self.folders.add(self.next_id // FILES_PER_FOLDER)
             buf = io.BytesIO()
             # a copy: saving a view of a larger array can store the whole array in every file
             self.save(np.array(sample, copy=True, order="C"), buf)

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.config.schema import StorageConfig
 from pipeline.data.storage.base import BatchedDataset, StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
+from pipeline.data.storage.memmap import RowsPart
 
 DATA = "data.npy"
 READ_CHUNK = 4096  # samples per read while loading
@@ -51,6 +52,10 @@ class Writer(BaseWriter):
         self.data = np.lib.format.open_memmap(
             self.path, mode="w+", dtype=np.dtype(spec.dtype), shape=(spec.num_samples, *spec.shape)
         )
+
+    def part_writer(self) -> RowsPart:
+        """A parallel export's workers write their rows into ``data.npy`` themselves."""
+        return RowsPart(self.path, int(self.data.offset), self.spec.sample_bytes)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
         end = self.next_id + len(x)

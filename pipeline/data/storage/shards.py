@@ -6,8 +6,10 @@ Layout (``LAYOUT`` 2): ``shards/shard-00000.npy`` ... each a contiguous ``(k, *s
 ``samples_per_shard`` records (the last may hold fewer); ``shards/placement.npy`` the sample id of every
 record, shard after shard; ``shards/index.json`` the files, their counts and the placement's seed. The
 writer ``pwrite``s each chunk's samples to their records in the seeded placement (never more than a chunk in
-RAM). Exports of layout 1 (samples in id order) have another fingerprint and are not reused; opened by path,
-they fail naming their layout.
+RAM). In a parallel export the workers ``pwrite`` their parts' samples themselves (``RecordsPart``), to the
+files the Writer created, the records of each part given by the Writer (``part_args``). Exports of layout 1
+(samples in id order) have another fingerprint and are not reused; opened by path, they fail naming their
+layout.
 
 Reading -- buffers, the block shuffle, workers, torchrun ranks -- is what ``shards`` and ``encoded`` share:
 pipeline/data/storage/sharded.py. Direct reads (per-item use, plots, a stock sampler) go through the
@@ -31,7 +33,7 @@ from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.buffers import rows_at
 from pipeline.data.readers.files import LOCAL, RecordFile, npy_layout, runs_of
 from pipeline.data.readers.rows import RowReader
-from pipeline.data.storage.base import StorageFormat
+from pipeline.data.storage.base import PartWriter, StorageFormat
 from pipeline.data.storage.base import Writer as BaseWriter
 from pipeline.data.storage.sharded import (
     PLACEMENT,
@@ -68,6 +70,36 @@ def samples_per_shard(shard_size_mb: float, sample_bytes: int) -> int:
 
 def shard_name(s: int) -> str:
     return f"shard-{s:05d}.npy"
+
+
+def put_records(
+    files: OpenFiles, rows: np.ndarray, slots: np.ndarray, per_shard: int, offsets, row_bytes: int
+):
+    """``pwrite`` each of ``rows`` (bytes of one sample each) to its record ``slots[j]``, in file order."""
+    for j in np.argsort(slots, kind="stable").tolist():
+        s, local = divmod(int(slots[j]), per_shard)
+        os.pwrite(files.fd(s), rows[j], offsets[s] + local * row_bytes)
+
+
+class RecordsPart(PartWriter):
+    """A worker's side of the Writer: ``pwrite``s a part's samples to their records (``args``: slots)."""
+
+    def __init__(self, paths: list[Path], per_shard: int, offsets: list[int], row_bytes: int) -> None:
+        self.paths, self.per_shard, self.offsets, self.row_bytes = paths, per_shard, offsets, row_bytes
+        self.files: OpenFiles | None = None  # opened in the worker
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "files": None}
+
+    def write(self, first: int, x: np.ndarray, y: np.ndarray, args) -> None:
+        if self.files is None:
+            self.files = OpenFiles(self.paths)
+        rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
+        put_records(self.files, rows, np.asarray(args), self.per_shard, self.offsets, self.row_bytes)
+
+    def __del__(self) -> None:
+        if self.files is not None:
+            self.files.close()
 
 
 class Writer(BaseWriter):
@@ -109,13 +141,17 @@ class Writer(BaseWriter):
         uncache(self.files.paths)
 
     def write(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = np.ascontiguousarray(x)
+        rows = np.ascontiguousarray(x).reshape(len(x), -1).view(np.uint8)
         slots = self.slot_of[self.next_id : self.next_id + len(x)]
-        rows = x.reshape(len(x), -1).view(np.uint8)
-        for j in np.argsort(slots, kind="stable").tolist():  # file order within the chunk
-            s, local = divmod(int(slots[j]), self.per_shard)
-            os.pwrite(self.files.fd(s), rows[j], self.offsets[s] + local * self.row_bytes)
+        put_records(self.files, rows, slots, self.per_shard, self.offsets, self.row_bytes)
         self.next_id += len(x)
+
+    def part_writer(self) -> RecordsPart:
+        return RecordsPart(self.files.paths, self.per_shard, self.offsets, self.row_bytes)
+
+    def part_args(self, first: int, n: int) -> np.ndarray:
+        """The records (slots) of samples ``first .. first + n - 1``."""
+        return self.slot_of[first : first + n]
 
     def close(self) -> None:
         self.files.close()
