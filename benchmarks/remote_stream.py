@@ -1,13 +1,14 @@
 """Training data streamed from a bucket: the project's reader against the endpoint's raw GET bandwidth and
 LitData, on one local S3-compatible server, in one run.
 
-    python -m benchmarks.remote_stream                               # 30,000 LFW-shaped samples, 16 MiB shards
+    python -m benchmarks.remote_stream                 # 30,000 LFW-shaped samples, 16 MiB shards
     python -m benchmarks.remote_stream --samples 60000 --litdata /tmp/litvenv/bin/python
 
 Starts ``s3rver`` (npm; filesystem-backed, so ranged GETs stream from disk: moto would copy whole objects in
 memory) on 127.0.0.1 with a temporary folder, points ``AWS_ENDPOINT_URL`` at it, then:
 
-1. exports LFW-shaped float32 samples to ``s3://bench/exports`` (``storage=shards``: built locally, published);
+1. exports LFW-shaped float32 samples to ``s3://bench/exports`` (``storage=shards``: built locally,
+   published);
 2. ``raw GET``: every shard object of the export read whole, 8 at a time, with the project's client (no
    checksum, no file): bytes/s, shown as samples/s of 11,656 bytes -- the ceiling a reader can approach;
 3. ``project``: one epoch of the train split through the project's loader (0 workers), the shard cache
