@@ -60,7 +60,7 @@ class Tiny(StorageFormat):
     def writer(self, root, spec, cfg) -> TinyWriter:
         return TinyWriter(root, spec, cfg)
 
-    def dataset(self, root, spec, labels, ids, cfg) -> TinyDataset:
+    def dataset(self, root, spec, labels, ids, cfg, files=None) -> TinyDataset:
         return TinyDataset(root, spec, labels, ids, cfg)
 
 
