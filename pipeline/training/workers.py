@@ -1,19 +1,21 @@
-"""A DataLoader worker that dies mid-epoch (killed, out of memory) stops the job with ``WorkerDied``.
+"""A loader worker that dies mid-epoch (killed, out of memory) stops the job with ``WorkerDied``.
 
     from pipeline.training.workers import WorkerDied, worker_deaths_explained
     with worker_deaths_explained():      # pipeline/job.py wraps the stages in it
-        ...                              # torch's dead-worker error, however wrapped -> WorkerDied
+        ...                              # a dead worker, however reported -> WorkerDied
 
-Detection is torch's own: its SIGCHLD handler raises ``RuntimeError("DataLoader worker (pid N) is
-killed by signal: ...")`` in the main thread, and a loader waiting for a dead worker's batch raises
-``RuntimeError("DataLoader worker (pid(s) N) exited unexpectedly")`` within 5 s. The signal may land
-inside a library that wraps the error in its own type (MLflow's database session does); so at the job
-boundary an exception whose cause/context chain holds torch's worker error becomes a ``WorkerDied``
-that keeps torch's message (the worker's pid) and says what to do. A worker killed with batches still
-queued makes reading them fail first (``ConnectionResetError`` while fetching its shared memory, or
-``EOFError``), before the signal arrives: for those two the boundary waits up to ``VERDICT_WAIT_S`` for
-torch's error. Any other exception passes through unchanged -- also one raised after a worker death
-that was handled.
+The project's own loader workers (pipeline/training/handoff/pool.py, every storage format's batches) raise
+``WorkerDied`` themselves, naming the worker, its pid and the signal, as soon as the main process waits for
+a batch of a worker that is gone. A plain torch Dataset is read by torch's DataLoader, whose detection is
+torch's own: its SIGCHLD handler raises ``RuntimeError("DataLoader worker (pid N) is killed by signal:
+...")`` in the main thread, and a loader waiting for a dead worker's batch raises ``RuntimeError(
+"DataLoader worker (pid(s) N) exited unexpectedly")`` within 5 s. The signal may land inside a library that
+wraps the error in its own type (MLflow's database session does); so at the job boundary an exception whose
+cause/context chain holds torch's worker error becomes a ``WorkerDied`` that keeps torch's message (the
+worker's pid) and says what to do. A worker killed with batches still queued makes reading them fail first
+(``ConnectionResetError`` while fetching its shared memory, or ``EOFError``), before the signal arrives: for
+those two the boundary waits up to ``VERDICT_WAIT_S`` for torch's error. Any other exception passes through
+unchanged -- also one raised after a worker death that was handled.
 """
 
 from __future__ import annotations
