@@ -47,7 +47,8 @@ def main(cfg: DictConfig) -> None:
             f" in {exp.manifest['export_seconds']:.1f} s: {speed['samples_per_s']:.0f} samples/s, "
             f"{speed['mb_per_s']:.1f} MB/s, {speed['workers']} workers ({speed['engine']})"
         )
-    print(f"export: {exp.url or exp.root}\ncontent_sha256: {exp.manifest['content_sha256']}\n{how}", flush=True)
+    where = exp.url or exp.root  # s3://... for an export in a bucket
+    print(f"export: {where}\ncontent_sha256: {exp.manifest['content_sha256']}\n{how}", flush=True)
 
 
 if __name__ == "__main__":
