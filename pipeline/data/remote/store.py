@@ -29,7 +29,6 @@ its own connection pool on first use (a pickled store carries only its settings)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -520,11 +519,7 @@ class ObjectStore:
         return len(keys)
 
 
-def sha256_file(path: str | Path, bufsize: int = 4 * MIB) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    from pipeline.data.integrity import file_sha256
+
+    return file_sha256(Path(path), bufsize=4 * MIB)

@@ -13,39 +13,20 @@ schema (conf/source/lfw_shaped.yaml is ``synthetic`` with LFW's sizes).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from pipeline.data.registry import Registry
 from pipeline.data.sources.base import Piece, SampleSpec, Source, SourceKind, chunked
 
 __all__ = ["Piece", "SampleSpec", "Source", "SourceKind", "build_source", "chunked", "get_source", "sources"]
 
-_SOURCES: dict[str, SourceKind] = {}
-_DISCOVERED = False
-
-
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        kind = vars(module).get("SOURCE")
-        if isinstance(kind, SourceKind):
-            _SOURCES.setdefault(kind.name, kind)
-    _DISCOVERED = True
+_SOURCES = Registry(__name__, "SOURCE", SourceKind, "source")
 
 
 def sources() -> dict[str, SourceKind]:
-    _discover()
-    return dict(_SOURCES)
+    return _SOURCES.all()
 
 
 def get_source(name: str) -> SourceKind:
-    known = sources()
-    if name not in known:
-        raise ValueError(f"Unknown source {name!r}; valid: {sorted(known)}")
-    return known[name]
+    return _SOURCES.get(name)
 
 
 def register_source(kind: SourceKind, *, option: bool = True) -> None:
@@ -53,10 +34,7 @@ def register_source(kind: SourceKind, *, option: bool = True) -> None:
     ``option`` the option ``source=<name>`` itself)."""
     from pipeline.config.schema import register_source_schema
 
-    if not isinstance(kind, SourceKind):
-        raise TypeError(f"register_source takes a SourceKind, got {type(kind).__name__}")
-    _discover()
-    _SOURCES[kind.name] = kind
+    _SOURCES.add(kind)
     register_source_schema(kind.name, kind.config, option=option)
 
 

@@ -23,38 +23,19 @@ Labels (``labels.npy``) and the manifest are written by the export stage for eve
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from pipeline.data.registry import Registry
 from pipeline.data.storage.base import StorageFormat
 
-_FORMATS: dict[str, StorageFormat] = {}
-_DISCOVERED = False
-
-
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        fmt = vars(module).get("FORMAT")
-        if isinstance(fmt, StorageFormat):
-            _FORMATS.setdefault(fmt.name, fmt)
-    _DISCOVERED = True
+_FORMATS = Registry(__name__, "FORMAT", StorageFormat, "storage format")
 
 
 def formats() -> dict[str, StorageFormat]:
     """Every known format by name: this package's, then the registered ones."""
-    _discover()
-    return dict(_FORMATS)
+    return _FORMATS.all()
 
 
 def get_format(name: str) -> StorageFormat:
-    known = formats()
-    if name not in known:
-        raise ValueError(f"Unknown storage format {name!r}; valid: {sorted(known)}")
-    return known[name]
+    return _FORMATS.get(name)
 
 
 def register_format(fmt: StorageFormat, *, option: bool = True) -> None:
@@ -63,8 +44,5 @@ def register_format(fmt: StorageFormat, *, option: bool = True) -> None:
     defined in a notebook or a test needs no YAML)."""
     from pipeline.config.schema import register_storage_schema
 
-    if not isinstance(fmt, StorageFormat):
-        raise TypeError(f"register_format takes a StorageFormat, got {type(fmt).__name__}")
-    _discover()
-    _FORMATS[fmt.name] = fmt
+    _FORMATS.add(fmt)
     register_storage_schema(fmt.name, fmt.config, option=option)

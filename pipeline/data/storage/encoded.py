@@ -55,11 +55,12 @@ from pipeline.data.codec import Codec, CodecError, problem
 from pipeline.data.integrity import ExportError, IntegrityError, sample_error
 from pipeline.data.readers.files import LOCAL, RecordFile
 from pipeline.data.sources.base import is_image
-from pipeline.data.storage.base import PartWriter, StorageFormat
+from pipeline.data.storage.base import PartWriter
 from pipeline.data.storage.base import Writer as BaseWriter
 from pipeline.data.storage.sharded import (
     PLACEMENT,
     ShardedDataset,
+    ShardedFormat,
     load_index,
     load_placement,
     placement,
@@ -407,18 +408,12 @@ class Dataset(ShardedDataset):
             self._decode(self.stream.mapped_record(s, r), int(positions[j]), out[j])
 
 
-class Encoded(StorageFormat):
+class Encoded(ShardedFormat):
     name = "encoded"
     config = EncodedConfig
     layout = LAYOUT
-    read_options = ("shuffle_buffer_shards", "buffers", "cache_limit_mb")
-    remote = True
-
-    def writer(self, root, spec, cfg) -> Writer:
-        return Writer(root, spec, cfg)
-
-    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
-        return Dataset(root, spec, labels, ids, cfg, files)
+    writer_class = Writer
+    dataset_class = Dataset
 
     def identity(self, cfg) -> dict:
         """What the export's samples depend on beyond its config: the decoder's version (lossy pixels differ

@@ -46,7 +46,7 @@ from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.buffers import BufferPool, BufferStream, copy_records
 from pipeline.data.readers.files import RecordFile, runs_of
 from pipeline.data.sampling import BatchRequest, BlockShuffleBatchSampler
-from pipeline.data.storage.base import BatchedDataset, reader_index
+from pipeline.data.storage.base import BatchedDataset, StorageFormat, reader_index
 from pipeline.seeds import derive_seed
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,22 @@ class ShardedDataset(BatchedDataset):
             local=self.local,
             stream=self.stream,
         )
+
+
+class ShardedFormat(StorageFormat):
+    """What the formats of shard files declare alike: their read-time options, that they stream from object
+    storage, and their module's ``Writer`` and ``Dataset`` classes (``writer_class``, ``dataset_class``)."""
+
+    read_options = ("shuffle_buffer_shards", "buffers", "cache_limit_mb")
+    remote = True
+    writer_class: type
+    dataset_class: type
+
+    def writer(self, root, spec, cfg):
+        return self.writer_class(root, spec, cfg)
+
+    def dataset(self, root, spec, labels, ids, cfg, files=None):
+        return self.dataset_class(root, spec, labels, ids, cfg, files)
 
 
 class ShardBatches(BlockShuffleBatchSampler):

@@ -33,13 +33,14 @@ from pipeline.data.integrity import IntegrityError
 from pipeline.data.readers.buffers import rows_at
 from pipeline.data.readers.files import LOCAL, RecordFile, npy_layout, runs_of
 from pipeline.data.readers.rows import RowReader
-from pipeline.data.storage.base import PartWriter, StorageFormat
+from pipeline.data.storage.base import PartWriter
 from pipeline.data.storage.base import Writer as BaseWriter
 from pipeline.data.storage.sharded import (
     PLACEMENT,
     OpenFiles,
     ShardBuffers,
     ShardedDataset,
+    ShardedFormat,
     load_index,
     load_placement,
     placement,
@@ -244,18 +245,12 @@ class Dataset(ShardedDataset):
             self._reader(s).read(local[a:b], out=rows[a:b])
 
 
-class Shards(StorageFormat):
+class Shards(ShardedFormat):
     name = "shards"
     config = ShardsConfig
     layout = LAYOUT
-    read_options = ("shuffle_buffer_shards", "buffers", "cache_limit_mb")
-    remote = True
-
-    def writer(self, root, spec, cfg) -> Writer:
-        return Writer(root, spec, cfg)
-
-    def dataset(self, root, spec, labels, ids, cfg, files=None) -> Dataset:
-        return Dataset(root, spec, labels, ids, cfg, files)
+    writer_class = Writer
+    dataset_class = Dataset
 
 
 FORMAT = Shards()
