@@ -3,6 +3,7 @@
     python -m benchmarks.readers                                    # 250,000 samples, 1 GiB cgroup
     python -m benchmarks.readers --samples 13233 --warm-only        # LFW-sized, page cache warm
     python -m benchmarks.readers --points memmap memmap-plain pt --limit-mb 512 --samples 100000
+    python -m benchmarks.readers --points memmap shards-memory disk --workers 0 2 --cold-only  # workers
 
 Exports LFW-shaped synthetic samples (62x47 float32, 11,656 bytes) as ``memmap``,
 ``shards`` and (for ``pt``) one file per sample under ``--data-dir`` (reused across runs), then measures each
@@ -97,7 +98,7 @@ class PlainMemmap:
         return RandomBatchSampler(len(self), batch_size, shuffle, drop_last, seed)
 
 
-def _loader(point: str, exp):
+def _loader(point: str, exp, workers: int = 0):
     import torch
     from omegaconf import OmegaConf
 
@@ -113,7 +114,7 @@ def _loader(point: str, exp):
         if point.startswith("shards-"):
             storage.buffers = point.split("-", 1)[1]
         ds = exp.dataset(split.train, storage)
-    cfg = OmegaConf.structured(LoaderConfig(pin_memory="false"))
+    cfg = OmegaConf.structured(LoaderConfig(pin_memory="false", num_workers=workers))
     return build_loader(ds, cfg, seed=0, train=True, device=torch.device("cpu"))
 
 
@@ -152,7 +153,7 @@ def child(args) -> dict:
 
         with MemoryCgroup(args.limit_mb * MiB, prefix="pipeline-bench-readers"):
             if point != "disk":
-                loader = _loader(point, exp)  # inside the cgroup: buffers=auto sees the limit
+                loader = _loader(point, exp, args.child_workers)  # in the cgroup: buffers=auto sees it
             drop(exp.root)  # nothing of it is mapped yet
             before, t0 = disk_read_bytes(), time.perf_counter()
             if point == "disk":
@@ -171,7 +172,7 @@ def child(args) -> dict:
         }
     if point == "disk":
         return {}
-    loader = _loader(point, exp)
+    loader = _loader(point, exp, args.child_workers)
     rates = []
     for k in range(args.passes + 1):
         n, t0 = 0, time.perf_counter()
@@ -182,8 +183,9 @@ def child(args) -> dict:
     return {"samples_per_s": statistics.median(rates), "amplification": 0.0}
 
 
-def run_point(args, point: str, cold: bool) -> dict:
+def run_point(args, point: str, cold: bool, workers: int = 0) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.readers", "--child", point, *sys.argv[1:]]
+    cmd += ["--child-workers", str(workers)]
     if cold:
         cmd.append("--cold")
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -206,7 +208,9 @@ def table(results: dict, sample_bytes: int) -> str:
     for cond in ("warm", "cold"):
         pt = results.get(("pt", cond), {}).get("samples_per_s")
         disk = results.get(("disk", "cold"), {}).get("samples_per_s")
-        for point in POINTS:
+        for point in sorted(
+            {p for p, c in results if c == cond}, key=lambda p: (POINTS.index(p.split()[0]), p)
+        ):
             r = results.get((point, cond))
             if r is None or (point == "disk" and cond == "warm"):
                 continue
@@ -233,7 +237,9 @@ def main(argv=None) -> None:
     p.add_argument("--warm-only", action="store_true")
     p.add_argument("--cold-only", action="store_true")
     p.add_argument("--data-dir", type=Path, default=Path("outputs/data"))
+    p.add_argument("--workers", type=int, nargs="+", default=[0], help="loader workers: each point with each")
     p.add_argument("--child", choices=POINTS, help=argparse.SUPPRESS)
+    p.add_argument("--child-workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -247,8 +253,10 @@ def main(argv=None) -> None:
         for point in args.points:
             if point == "disk" and cond == "warm":
                 continue
-            results[(point, cond)] = run_point(args, point, cond == "cold")
-            print(f"{point:14s} {cond}: {results[(point, cond)]}", file=sys.stderr, flush=True)
+            for w in args.workers if point not in ("disk", "memmap-plain") else [0]:
+                name = point if w == 0 else f"{point} w{w}"
+                results[(name, cond)] = run_point(args, point, cond == "cold", w)
+                print(f"{name:14s} {cond}: {results[(name, cond)]}", file=sys.stderr, flush=True)
     data_mb = args.samples * 62 * 47 * 4 / 1e6
     print(f"\n{args.samples:,} LFW-shaped samples ({data_mb:,.0f} MB); cold: {args.limit_mb} MiB cgroup")
     print(table(results, 62 * 47 * 4))
