@@ -21,6 +21,8 @@ def test_rerun_overrides_drop_locations_and_resume_and_append_extras():
         "trainer.epochs=4",
         "paths.root=/elsewhere",
         "hydra.run.dir=/x",
+        "export.engine=dask",
+        "export.address=tcp://10.0.0.5:8786",
         "tracking.uri=sqlite:////old.db",
         "tracking.experiment=exp",
         "+trainer.resume=abc",
