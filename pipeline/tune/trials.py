@@ -105,11 +105,14 @@ class Duel:
         return statistics.median(self.ratios) - 1.0 if self.ratios else None
 
 
-def until(batches, deadline: float):
-    """``batches`` until ``deadline`` (perf_counter); never takes a batch it does not hand out."""
+def until(batches, deadline: float, at_least: int = 0):
+    """``batches`` until ``deadline`` (perf_counter) and at least ``at_least`` of them; never takes a batch it
+    does not hand out, and holds none (a batch kept alive holds its worker's slot)."""
+    n = 0
     for b in batches:
         yield b
-        if time.perf_counter() >= deadline:
+        n += 1
+        if n >= at_least and time.perf_counter() >= deadline:
             return
 
 
@@ -220,14 +223,20 @@ class Live:
     def warm_up(self, seconds: float) -> None:
         """The first batch (its latency kept) and ``seconds`` of steps, not counted."""
         t0 = time.perf_counter()
-        first = next(self.stream)
-        self.first_batch_ms = 1e3 * (time.perf_counter() - t0)
-        self.steps(until(itertools.chain([first], self.stream), t0 + seconds))
+        first: list[float] = []
+
+        def noted(batches):
+            for b in batches:
+                if not first:
+                    first.append(time.perf_counter() - t0)
+                yield b
+
+        self.steps(until(noted(self.stream), t0 + seconds, at_least=1))
+        self.first_batch_ms = 1e3 * first[0] if first else 0.0
 
     def settle(self, seconds: float) -> None:
         """Steps not counted: the batches prepared while this candidate waited, and ``seconds`` at least."""
-        ready = list(itertools.islice(self.stream, self.ahead))
-        self.steps(until(itertools.chain(ready, self.stream), time.perf_counter() + seconds))
+        self.steps(until(self.stream, time.perf_counter() + seconds, at_least=self.ahead))
 
     def count(self, seconds: float) -> float:
         """``seconds`` of counted steps; returns their rate."""
@@ -298,16 +307,22 @@ class Trials:
         """(ms the loader takes a batch, ms the step takes a batch), each alone: the candidate's loader (give
         it the serial settings) iterated without training, then the step on one of its batches, over
         ``seconds`` each. Each batch is timed on its own: the loader's figure is the ``QUANTILE`` of its times
-        (batches differ: decoding, buffer boundaries), the step's the fastest (every step does the same work):
-        what the work itself costs, not the moments a neighbour on a shared machine took the cores."""
+        (batches differ: decoding, buffer boundaries), the step's the fastest (every step does the same work),
+        half the time with the job's intra-op threads and half with one: a neighbour on a shared machine that
+        takes a core stalls every step of torch's threads for as long as it keeps it (8x here), never a single
+        thread's. What the work itself costs, not the moments someone else took the cores."""
         live = Live(self, c)
+        threads = torch.get_num_threads()
         try:
             batch = next(live.stream)
             next(live.stream, None)  # buffers and first reads behind
             loads = _timed(lambda: next(live.stream, None), seconds)
             live.steps([batch] * 2)  # first steps: allocations
-            steps = _timed(lambda: live.steps([batch]), seconds)
+            steps = _timed(lambda: live.steps([batch]), seconds / 2)
+            torch.set_num_threads(1)
+            steps += _timed(lambda: live.steps([batch]), seconds / 2)
         finally:
+            torch.set_num_threads(threads)
             live.close()
         return 1e3 * float(np.quantile(loads, QUANTILE)), 1e3 * min(steps)
 
@@ -328,9 +343,18 @@ class Trials:
                 live.close()
             gc.collect()
 
-    def duel(self, a: Candidate, b: Candidate, seconds: float, round: int, warmup_s: float = 1.0) -> Duel:
-        """``a`` and ``b`` live at once, taking turns for ``seconds`` in all, building included (at least two
-        pairs of turns; module docstring)."""
+    def duel(
+        self,
+        a: Candidate,
+        b: Candidate,
+        seconds: float,
+        round: int,
+        warmup_s: float = 1.0,
+        turn_s: float = DUEL_SLICE_S,
+        settle_s: float = SETTLE_S,
+    ) -> Duel:
+        """``a`` and ``b`` live at once, taking turns (``settle_s`` then ``turn_s`` counted) for ``seconds``
+        in all, building included (at least two pairs of turns; module docstring)."""
         deadline = time.perf_counter() + seconds
         lives: list[Live] = []
         try:
@@ -339,13 +363,13 @@ class Trials:
                 lives[-1].warm_up(warmup_s)
             la, lb = lives
             ratios: list[float] = []
-            pair_s = 2 * (DUEL_SLICE_S + SETTLE_S)
+            pair_s = 2 * (turn_s + settle_s)
             while len(ratios) < 2 or time.perf_counter() + pair_s <= deadline:
                 t0 = time.perf_counter()
                 rates = {}
                 for live in (la, lb) if len(ratios) % 2 == 0 else (lb, la):
-                    live.settle(SETTLE_S)
-                    rates[live.c] = live.count(DUEL_SLICE_S)
+                    live.settle(settle_s)
+                    rates[live.c] = live.count(turn_s)
                 ratios.append(rates[b] / rates[a] if rates[a] > 0 else 0.0)
                 pair_s = time.perf_counter() - t0
             typical = {live.c: float(np.median(live.counted.rates)) for live in lives if live.counted.rates}
