@@ -13,10 +13,10 @@
    over the cores. Without such work a batch is a copy that the main process makes fastest, and other
    processes only compete with training (docs/parallel-loading.md): 0 and 0. With it, on a job with ``c >= 2``
    cores: ``num_workers = c - 1``, one core left to the training step (on 2 cores, 1 worker was the fastest
-   setting of photo crops, ahead of 2 workers and of decode threads: docs/tuning.md), and no decode threads
-   in the workers (they already keep the other cores busy); with ``num_workers=0`` set and
-   ``decode_threads=auto``, ``c`` threads in the main process; with ``num_workers=N`` set, ``(c - 1) // N``
-   threads each when that is at least 2. One core: 0 and 0.
+   parallel setting for photo crops, on par with none and ahead of 2 workers and of decode threads:
+   docs/tuning.md), and no decode threads in the workers (they already keep the other cores busy); with
+   ``num_workers=0`` set and ``decode_threads=auto``, ``c`` threads in the main process; with
+   ``num_workers=N`` set, ``(c - 1) // N`` threads each when that is at least 2. One core: 0 and 0.
 
 A key that is not ``auto`` is never changed.
 """

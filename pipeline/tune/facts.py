@@ -156,29 +156,36 @@ class Disk:
     from_disk: float  # share of the sequential read the device served (below ~0.9: partly cached)
     random_reads_per_s: float  # reads of one stored sample at random places, one at a time
     random_read_bytes: int
+    random_from_disk: float = 1.0  # share of those bytes the device served
 
 
-def random_reads(path: Path, read_bytes: int, seconds: float = 0.3, seed: int = 0) -> float:
-    """Reads/s of ``read_bytes`` at random 4 KiB-aligned places of ``path``, one at a time, with the file's
-    pages dropped first and readahead off: the rate a reader of scattered samples gets from the device."""
+def random_reads(path: Path, read_bytes: int, seconds: float = 0.3, seed: int = 0) -> tuple[float, float]:
+    """(reads/s, share served by the device) of ``read_bytes`` at distinct random 4 KiB-aligned places of
+    ``path``, one at a time, the file's pages dropped first and readahead off: the rate a reader of scattered
+    samples gets from the device. A small file runs out of distinct places early (then fewer reads count)."""
+    from pipeline.system.iocount import disk_read_bytes
+
     size = path.stat().st_size
     read_bytes = int(min(max(read_bytes, 512), size))
-    rng = np.random.default_rng(seed)
+    step = -(-read_bytes // 4096) * 4096  # places a whole read apart: no two reads share a page
+    places = np.random.default_rng(seed).permutation(max(size - read_bytes, 0) // step + 1) * step
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        before = disk_read_bytes()
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            offsets = rng.integers(0, max(size - read_bytes, 1) // 4096 + 1, 16) * 4096
-            for off in offsets.tolist():
-                os.pread(fd, read_bytes, off)
-            n += len(offsets)
+        for off in places.tolist():
+            os.pread(fd, read_bytes, off)
+            n += 1
+            if n % 16 == 0 and time.perf_counter() - t0 >= seconds:
+                break
         rate = n / (time.perf_counter() - t0)
+        fetched = disk_read_bytes() - before if before is not None else 0
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    return rate
+    return rate, min(1.0, fetched / (n * read_bytes)) if n else 0.0
 
 
 def disk(exp, max_mb: float = 256) -> Disk:
@@ -188,7 +195,8 @@ def disk(exp, max_mb: float = 256) -> Disk:
     path = largest_file([exp.root])
     seq = sequential_read(path, max_bytes=int(max_mb * MiB))
     nbytes = int(round(exp.stored_sample_bytes))
-    return Disk(str(path.name), seq.mb_per_s, seq.from_disk, random_reads(path, nbytes), nbytes)
+    rate, served = random_reads(path, nbytes)
+    return Disk(str(path.name), seq.mb_per_s, seq.from_disk, rate, nbytes, served)
 
 
 def warm(root: Path) -> float:
@@ -260,7 +268,8 @@ class Facts:
                     "disk",
                     f"{k.sequential_mb_per_s:,.0f} MB/s, {k.random_reads_per_s:,.0f} reads/s",
                     f"{k.file} read sequentially ({k.from_disk:.0%} from the device) and at random places "
-                    f"({k.random_read_bytes:,} B each, one at a time)",
+                    f"({k.random_read_bytes:,} B each, one at a time, {k.random_from_disk:.0%} from the "
+                    "device)",
                 )
             )
         if self.load_ms is not None:
