@@ -9,7 +9,7 @@
     f.rows()                          # (name, value, what it means) for the report
 
 Everything here comes from the modules that measure the machine for the job itself (pipeline/system:
-cgroups, headroom, disk, iocount; pipeline/training/threads), so the tuner's picture is the job's. The rule
+cgroups, headroom, disk, iocount; pipeline/training/threads.py), so the tuner's picture is the job's. The rule
 behind ``loader.num_workers=auto`` (pipeline/tune/auto.py) reads only ``Machine`` and ``Data``: what a job
 knows without timing anything. The tuner adds what only measuring tells: the disk's speeds, how long the
 serial loader takes a batch (reading, decoding, augmenting) and how long the training step takes one.

@@ -24,7 +24,7 @@ with. After the trials, ``collapses`` keeps out any setting whose reads were amp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
@@ -280,7 +280,3 @@ def by_promise(kept: list[Candidate], facts: Facts, default: Candidate) -> list[
         return (p if p is not None else 0.0, len(c.overrides(default)))
 
     return [default, *sorted(others, key=key)]
-
-
-def with_storage(c: Candidate, storage: str, buffers: str | None) -> Candidate:
-    return replace(c, storage=storage, buffers=buffers)

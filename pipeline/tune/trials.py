@@ -238,12 +238,14 @@ class Live:
         """Steps not counted: the batches prepared while this candidate waited, and ``seconds`` at least."""
         self.steps(until(self.stream, time.perf_counter() + seconds, at_least=self.ahead))
 
-    def count(self, seconds: float) -> float:
-        """``seconds`` of counted steps; returns their rate."""
+    def count(self, seconds: float, stop_by: float | None = None) -> float:
+        """``seconds`` of counted steps (ending by ``stop_by``, a perf_counter time, if sooner); returns
+        their rate."""
         stamps: list = []
         read0 = disk_read_bytes()
         t0 = time.perf_counter()
-        n, wait = self.steps(stamped(until(self.stream, t0 + seconds), stamps))
+        end_by = t0 + seconds if stop_by is None else min(t0 + seconds, stop_by)
+        n, wait = self.steps(stamped(until(self.stream, end_by, at_least=1), stamps))
         end = time.perf_counter()
         read = disk_read_bytes() - read0 if read0 is not None else None
         rate = n / (end - t0) if end > t0 else 0.0
@@ -326,14 +328,14 @@ class Trials:
             live.close()
         return 1e3 * float(np.quantile(loads, QUANTILE)), 1e3 * min(steps)
 
-    def run(self, c: Candidate, seconds: float, warmup_s: float = 1.0) -> Trial:
-        """One window of ``c``; an exception becomes a failed Trial naming it (a setting that cannot run
-        here -- a worker killed, memory -- is never picked)."""
+    def run(self, c: Candidate, seconds: float, warmup_s: float = 1.0, stop_by: float | None = None) -> Trial:
+        """One window of ``c`` (cut short at ``stop_by``, a perf_counter time); an exception becomes a failed
+        Trial naming it (a setting that cannot run here -- a worker killed, memory -- is never picked)."""
         live = None
         try:
             live = Live(self, c)
             live.warm_up(warmup_s)
-            live.count(seconds)
+            live.count(seconds, stop_by)
             return live.trial("trial", 0, live.typical)
         except Exception as err:
             log.warning("tune: %s failed: %s: %s", c.label(), type(err).__name__, err)

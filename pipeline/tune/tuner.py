@@ -26,7 +26,6 @@ Steps (the budget, ``tune.budget_s``, counts from the end of step 1):
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -50,8 +49,9 @@ DUEL_MIN_S = 4 * DUEL_TURN_S + 2 * WARMUP_S + 1.0  # two pairs of turns, two bui
 
 
 def report_reserve_s(budget_s: float) -> float:
-    """Left at the end of the budget for the answer: files, the MLflow runs."""
-    return min(5.0, budget_s / 10)
+    """Left at the end of the budget for the answer (files, the MLflow runs: 1-3 s) and for a last build or
+    close that a busy machine made slower than the ones before."""
+    return min(5.0, max(2.5, budget_s / 10))
 
 
 def serial_s(budget_s: float) -> float:
@@ -94,13 +94,6 @@ class Answer:
         keys = {o.split("=", 1)[0] for o in tuned}
         kept = [o for o in self.user_overrides if o.lstrip("+~").split("=", 1)[0] not in keys]
         return " ".join(["pipeline", *kept, *tuned])
-
-    def windows(self, c: space.Candidate) -> list[float]:
-        return [t.rate for t in self.trials if t.candidate == c and t.ok]
-
-    def median(self, c: space.Candidate) -> float | None:
-        w = self.windows(c)
-        return statistics.median(w) if w else None
 
 
 def user_overrides_from_hydra() -> list[str]:
@@ -199,7 +192,7 @@ class _Runner:
         self.done: list[Trial] = []
         self.duels: list[tuple[space.Candidate, Duel]] = []
         self.disqualified: dict[space.Candidate, str] = {}
-        self.overhead = 1.5  # building loaders, starting workers, the warm-up: measured on each trial
+        self.overhead = 1.0  # building loaders, starting workers, the warm-up: the slowest measured
 
     def left(self) -> float:
         return self.deadline - time.perf_counter() - self.reserve
@@ -212,18 +205,20 @@ class _Runner:
 
     def screen(self, ordered: list[space.Candidate], keep_for_duels: bool = True) -> list[space.Candidate]:
         """One window each, in order, sized so that all fit (beside the duels' reserve); returns those left
-        untried when not even ``MIN_WINDOW_S`` fits (the least promising)."""
+        untried when not even ``MIN_WINDOW_S`` fits (the least promising). The default always runs: it is
+        the baseline."""
         reserve = self.duel_reserve if keep_for_duels and len(ordered) > 1 else 0.0
         for i, c in enumerate(ordered):
             room = self.left() - reserve
             window = min(MAX_WINDOW_S, room / (len(ordered) - i) - self.overhead)
             if window < MIN_WINDOW_S:
-                if i > 0 and room < self.overhead + MIN_WINDOW_S:
-                    return ordered[i:]
+                if c != self.default and room < 2 * self.overhead + MIN_WINDOW_S:  # a busy machine's
+                    return ordered[i:]  # next build and warm-up may take twice the slowest so far
                 window = MIN_WINDOW_S
             t0 = time.perf_counter()
-            t = self.trials.run(c, window, WARMUP_S)
-            self.overhead = max(0.3, time.perf_counter() - t0 - t.seconds)
+            t = self.trials.run(c, window, WARMUP_S, stop_by=self.deadline - self.reserve)
+            # the slowest build and warm-up so far: a busy machine's next one may be as slow
+            self.overhead = max(self.overhead, time.perf_counter() - t0 - t.seconds)
             self.note(t)
             log.info("tune: %s", describe(t))
         return []
