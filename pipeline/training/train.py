@@ -5,6 +5,7 @@
                 memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
     fit(..., optimizer=optimizer, start_epoch=2, samples_seen=n)   # resume: epochs 2.. on top of n
     fit(..., sample_bytes=exp.stored_sample_bytes)                 # adds io/read_amplification
+    total, correct, n, wait = train_pass(net, batches, optimizer, loss_fn, device)  # the step, one pass
 
 Per epoch: the metrics that pipeline/metrics.py defines as logged every epoch (``Logged.EPOCH``: train and
 val loss and accuracy, ``perf/*`` timings, ``train/samples_seen``, ``io/read_*`` and, with a memory sampler,
