@@ -50,7 +50,7 @@ def _stages(cfg: DictConfig, rec: JobRecorder, resume, device) -> dict:
 
 
 def _train(cfg: DictConfig, rec: JobRecorder, resume, device, exp, train_loader, val_loader) -> dict:
-    rec.loaders_built()
+    rec.loaders_built(train_loader)
 
     stats = stages.normalization(cfg, exp, train_loader.dataset)
     rec.transform(stats)

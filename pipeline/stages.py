@@ -69,15 +69,18 @@ def prepare(cfg: DictConfig) -> int:
 
 def make_loaders(cfg: DictConfig, exp: Export, split: Split, device: torch.device):
     """(train_loader, val_loader) over the export's split; each sample transformed (``transform``: train
-    augmentation, resizing) where its batch is read."""
+    augmentation, resizing) where its batch is read. ``loader.num_workers=auto`` / ``decode_threads=auto``
+    are resolved first (pipeline/tune/auto.py); ``train_loader.resolved`` says to what, for the job to log."""
     from pipeline.training.loading import build_loader
     from pipeline.training.transforms import from_config
+    from pipeline.tune.auto import resolve
 
+    loader_cfg, resolved = resolve(cfg, exp, device)
     seed = cfg.trainer.seed
     train_tf, val_tf = from_config(cfg.transform, exp.spec.shape)
     train = build_loader(
         exp.dataset(split.train, cfg.storage),
-        cfg.loader,
+        loader_cfg,
         seed=seed,
         train=True,
         device=device,
@@ -85,12 +88,13 @@ def make_loaders(cfg: DictConfig, exp: Export, split: Split, device: torch.devic
     )
     val = build_loader(
         exp.dataset(split.val, cfg.storage),
-        cfg.loader,
+        loader_cfg,
         seed=seed,
         train=False,
         device=device,
         transform=val_tf,
     )
+    train.resolved = resolved
     return train, val
 
 

@@ -100,7 +100,9 @@ class SplitConfig:
 class LoaderConfig:
     batch_size: int = at_least(1, 64)
     shuffle: bool = True
-    num_workers: int = at_least(0, 0)
+    # loader worker processes; auto: the last pipeline-tune for this machine and data, else a rule
+    # (pipeline/tune/auto.py, docs/tuning.md)
+    num_workers: Any = auto_or_at_least(0, 0)
     pin_memory: str = one_of(TRISTATE, "auto")  # auto (only with CUDA) | true | false
     prefetch_factor: int = at_least(1, 2)  # passed only when num_workers > 0
     persistent_workers: bool = True  # workers started once per loader, not per epoch (with num_workers > 0)
@@ -108,8 +110,9 @@ class LoaderConfig:
     multiprocessing_context: StartMethod = StartMethod.auto
     thread_prefetch: int = at_least(0, 0)  # batches a background thread prepares ahead (in-process); 0 = off
     # threads that read/decode/transform the parts of each batch side by side, in whichever process
-    # assembles it (the main process, or each worker); 0 = one (pipeline/training/handoff/assemble.py)
-    decode_threads: int = at_least(0, 0)
+    # assembles it (the main process, or each worker); 0 = one (pipeline/training/handoff/assemble.py);
+    # auto: as num_workers
+    decode_threads: Any = auto_or_at_least(0, 0)
 
 
 def _pair_in(low: float, high: float):

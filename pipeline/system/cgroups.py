@@ -3,6 +3,8 @@
     from pipeline.system.cgroups import CgroupUnavailable, MemoryCgroup, memory_limit
     memory_limit()                         # bytes, the lowest limit on this process's group and its
                                            # ancestors (v2 memory.max or v1 memory.limit_in_bytes); None
+    cpu_limit()                            # CPUs the CPU controller's quota allows (2.5 = 250 ms per
+                                           # 100 ms, v2 cpu.max or v1 cpu.cfs_quota_us); None: no quota
     group = memory_group(); oom_kills(group)   # this process's memory group; its OOM-kill count
     try:
         with MemoryCgroup(1 << 30, prefix="bench") as cg:   # this process (or pid=N) moved in
@@ -92,6 +94,48 @@ def memory_limit() -> int | None:
             value = _read(d / name)
             if value and value != "max" and int(value) < UNLIMITED:
                 limits.append(int(value))
+            if d == mount:
+                break
+    return min(limits) if limits else None
+
+
+def cpu_limit() -> float | None:
+    """The CPUs the lowest CPU quota on this process's group and its ancestors allows (quota / period: v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None if no group has one (or there is no
+    cgroup filesystem to read). Affinity (``os.sched_getaffinity``) is another, separate limit."""
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            lines = fh.read().splitlines()
+        with open("/proc/self/cgroup") as fh:
+            own = [line.split(":", 2) for line in fh.read().splitlines()]
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, parts = left.split(), right.split()
+        if len(parts) < 3 or len(fields) < 5:
+            continue
+        fstype, options = parts[0], parts[2].split(",")
+        v2 = fstype == "cgroup2"
+        if not (v2 or (fstype == "cgroup" and "cpu" in options)):
+            continue
+        mount, root = Path(fields[4]), fields[3]
+        path = next(
+            (p for _id, ctl, p in own if (v2 and _id == "0") or (not v2 and "cpu" in ctl.split(","))), None
+        )
+        if path is None:
+            continue
+        if root != "/" and path.startswith(root):
+            path = path[len(root) :]
+        folder = mount / path.lstrip("/")
+        for d in (folder, *folder.parents):
+            if v2:
+                quota, _, period = (_read(d / "cpu.max") or "max").partition(" ")
+            else:
+                quota, period = _read(d / "cpu.cfs_quota_us") or "-1", _read(d / "cpu.cfs_period_us") or ""
+            if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() and int(period) > 0:
+                limits.append(int(quota) / int(period))
             if d == mount:
                 break
     return min(limits) if limits else None

@@ -5,7 +5,7 @@
         rec.split(exp, split)                     # dataset inputs, split.npz, sample grid
         rec.threads(n)                            # param torch.num_threads
         rec.loading(device)                       # memory sampling starts (storage=ram loads now)
-        rec.loaders_built()
+        rec.loaders_built(train_loader)           # what loader.num_workers=auto became
         rec.transform((mean, std))                # transform.normalize: the train split's figures
         rec.epoch(epoch, metrics)                 # per-epoch metrics (pipeline/metrics.py), memory series
         rec.finished(model, val_loader, device, spec)
@@ -168,7 +168,10 @@ class JobRecorder:
             self.tr.log_params({"transform.train_mean": mean, "transform.train_std": std})
             log.info("transform: train split mean %s, std %s", mean, std)
 
-    def loaders_built(self) -> None:
+    def loaders_built(self, train_loader=None) -> None:
+        resolved = getattr(train_loader, "resolved", None)
+        if resolved:  # loader.*=auto: the values in effect and where they came from (pipeline/tune/auto.py)
+            self.tr.log_params(resolved)
         self.memory.sample()
         self.memory.check("after building the datasets")
 

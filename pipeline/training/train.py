@@ -5,6 +5,7 @@
                 memory=sampler, on_epoch=lambda epoch, metrics: print(epoch, metrics))
     fit(..., optimizer=optimizer, start_epoch=2, samples_seen=n)   # resume: epochs 2.. on top of n
     fit(..., sample_bytes=exp.stored_sample_bytes)                 # adds io/read_amplification
+    total, correct, n, wait = train_pass(net, batches, optimizer, loss_fn, device)  # the step, one pass
 
 Per epoch: the metrics that pipeline/metrics.py defines as logged every epoch (``Logged.EPOCH``: train and
 val loss and accuracy, ``perf/*`` timings, ``train/samples_seen``, ``io/read_*`` and, with a memory sampler,
@@ -96,6 +97,38 @@ def remote_metrics(stats, seconds: float) -> dict:
     }
 
 
+def train_pass(net, batches, optimizer, loss_fn, device: torch.device, memory=None, where: str = ""):
+    """The training step on every batch of ``batches`` (any iterable of (x, y)): what ``fit`` runs each epoch,
+    and what pipeline-tune times (pipeline/tune/trials.py). Returns (summed loss, correct predictions,
+    samples, seconds spent waiting for the next batch); the first two are tensors on ``device``."""
+    total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    wait = 0.0
+    batches = iter(batches)
+    while True:
+        tw = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - tw
+        if memory is not None:
+            if n == 0:
+                memory.sample()  # workers are alive now, however short the epoch
+            memory.check(where)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        out = net(x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return total, correct, n, wait
+
+
 def fit(
     model,
     train_loader,
@@ -120,38 +153,15 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         train_loader.set_epoch(epoch)
-        total = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        n = 0
-        wait = 0.0
         if memory is not None:
             memory.mark_epoch(epoch)
         read0 = disk_read_bytes()
         remote0 = files.stats() if files is not None else None  # data in object storage: this epoch's GETs
         t0 = time.perf_counter()
-        batches = iter(
-            distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
+        batches = distributed.joined(progress.batches(train_loader, f"epoch {epoch + 1}/{cfg.epochs}"), net)
+        total, correct, n, wait = train_pass(
+            net, batches, optimizer, loss_fn, device, memory, f"in epoch {epoch}"
         )
-        while True:
-            tw = time.perf_counter()
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - tw
-            if memory is not None:
-                if n == 0:
-                    memory.sample()  # workers are alive now, however short the epoch
-                memory.check(f"in epoch {epoch}")
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            out = net(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            n += len(y)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_s = time.perf_counter() - t0
