@@ -25,6 +25,7 @@ def test_codecs_bench_prints_every_codec_beside_pillow(capsys):
     assert all(r[-1] == "True" for r in ours.values())  # the same pixels as Pillow
 
 
+@pytest.mark.slow  # ~3 s of a benchmark's output
 def test_augment_bench_prints_each_setting_against_none(tmp_path):
     args = ["--num-samples", "300", "--passes", "1", "--data-dir", str(tmp_path / "data")]
     proc = run_command(tmp_path, [sys.executable, "-m", "benchmarks.augment", *args])

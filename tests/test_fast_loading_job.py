@@ -14,7 +14,9 @@ from tests.conftest import compose_cfg, sqlite_uri
     [
         ["storage=memmap", "loader.thread_prefetch=2", "loader.drop_last=true", "loader.batch_size=50"],
         ["storage=shards", "storage.shard_size_mb=0.02", "storage.shuffle_buffer_shards=2"],
-        ["storage=shards", "loader.num_workers=2", "loader.thread_prefetch=1"],
+        pytest.param(  # slow: test_determinism runs shards with 2 workers in the default suite
+            ["storage=shards", "loader.num_workers=2", "loader.thread_prefetch=1"], marks=pytest.mark.slow
+        ),
     ],
 )
 def test_training_runs_on_fast_formats(tmp_path, overrides):

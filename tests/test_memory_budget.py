@@ -45,6 +45,7 @@ def _runs(root) -> dict:
     return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
 
 
+@pytest.mark.slow  # ~8 s: three jobs; CI's test_out_of_core trains in a real cgroup
 def test_budget_out_of_core_completes_ram_stops_and_fails(tmp_path):
     from pipeline.job import run
 

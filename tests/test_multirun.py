@@ -14,6 +14,9 @@ from pipeline.runs.listing import main as runs_main
 from tests.conftest import copy_store, run_cli, run_command, sqlite_uri
 from tests.test_sweep import _check_report, _sweep_dir
 
+# one worker runs this module under pytest-xdist: its module fixture is built once
+pytestmark = pytest.mark.xdist_group("sweep_2x2")
+
 NAMES = {"bs=32 workers=0", "bs=32 workers=2", "bs=64 workers=0", "bs=64 workers=2"}
 
 

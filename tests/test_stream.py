@@ -95,17 +95,19 @@ def test_row_reader_reads_any_rows_cold_then_through_the_map_when_warm(rows_file
 
 @pytest.mark.skipif(files_mod.RWF_NOWAIT is None, reason="no RWF_NOWAIT: the reader never maps")
 def test_row_reader_leaves_the_map_when_the_cache_loses_the_file(tmp_path):
-    x = np.arange(64 * 4096, dtype=np.uint8).reshape(64, 4096)
+    x = np.arange(128 * 4096, dtype=np.uint8).reshape(128, 4096)
     path = tmp_path / "rows.npy"
-    reader = RowReader(path, npy_file(path, x), 4096, 64)
+    reader = RowReader(path, npy_file(path, x), 4096, 128)
     first = np.arange(32)
     reader.read(first)
     while not reader.mapped:  # rows 0-31 read with pread only: cached, never touched through the map
         np.testing.assert_array_equal(reader.read(first), x[first])
     evict(path)
     assert cached_fraction(path) < 0.5
-    for k in range(rows_mod.PROBE_EVERY):  # rows never read: through the map until a probe misses
-        batch = np.arange(32 + 4 * k, 36 + 4 * k)
+    # rows never read: through the map until a probe misses. Gaps of 4 rows between batches: a row (after
+    # the .npy header) straddles two pages, so adjacent batches would fault in the page the probe checks.
+    for k in range(rows_mod.PROBE_EVERY):
+        batch = np.arange(32 + 8 * k, 36 + 8 * k)
         np.testing.assert_array_equal(reader.read(batch), x[batch])
     assert not reader.mapped
     np.testing.assert_array_equal(reader.read(first), x[first])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import fsio
 from tests.conftest import compose_cfg, sqlite_uri
 
 SHARD_MB = 0.25
@@ -41,7 +42,10 @@ def _runs(root: Path):
 
 
 class CacheWatch:
-    """Samples the bytes in the shard cache every few milliseconds (objects + admitted downloads)."""
+    """Samples the bytes in the shard cache every few milliseconds (objects + admitted downloads), under
+    the cache's own lock, as ``ObjectCache.cached_bytes`` does: an eviction and the admission it made room
+    for happen together under it, and a scan outside it could count the evicted object and the new download
+    both."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.peak, self.stop = folder, 0, threading.Event()
@@ -50,12 +54,14 @@ class CacheWatch:
     def _run(self) -> None:
         while not self.stop.is_set():
             total = 0
-            for sub in ("objects", "partial"):
-                for f in (self.folder / sub).glob("*") if (self.folder / sub).is_dir() else ():
-                    try:
-                        total += f.stat().st_size
-                    except FileNotFoundError:
-                        pass
+            if (self.folder / "cache.lock").exists():
+                with fsio.locked(self.folder / "cache.lock"):
+                    for sub in ("objects", "partial"):
+                        for f in (self.folder / sub).glob("*") if (self.folder / sub).is_dir() else ():
+                            try:
+                                total += f.stat().st_size
+                            except FileNotFoundError:
+                                pass
             self.peak = max(self.peak, total)
             time.sleep(0.003)
 
