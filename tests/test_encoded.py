@@ -310,7 +310,7 @@ def test_codec_quality_and_decoder_are_in_the_fingerprint_and_the_manifest(tmp_p
         open_export(moved)
 
 
-@pytest.mark.slow  # ~5 s; the default suite checks encoded batches for 0/2 workers (test_decoding_runs_in_the_workers...)
+@pytest.mark.slow  # ~5 s; the default suite checks encoded batches for 0 or 2 workers (test_decoding_...)
 def test_training_end_to_end_is_bitwise_identical_for_0_or_2_workers(tmp_path):
     """``pipeline storage=encoded transform=flip_crop loader.num_workers=2`` trains (digits: 8-bit), and its
     metrics are bitwise those of 0 workers with thread prefetch, with the augmentation on (one run for both,
