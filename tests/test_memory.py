@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -148,3 +150,26 @@ def test_copy_on_read_guard_catches_python_object_datasets():
     """The same measurement fails for a dataset of Python objects: the guard can fail."""
     uss = _worker_uss_per_epoch(_PythonObjects(20_000))
     assert uss[2] - uss[0] > 20.0, uss
+
+
+def test_the_sampler_samples_on_request_off_the_callers_thread_and_within_its_cpu_share():
+    from pipeline.system.memory import MAX_CPU_SHARE, MemorySampler
+
+    with MemorySampler(interval_s=60) as sampler:  # the thread alone would not sample for a minute
+        assert len(sampler.samples) == 1
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            sampler.sample_soon()  # a new process (a worker started): sampled by the thread
+            deadline = time.monotonic() + 10
+            while len(sampler.samples) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(sampler.samples) == 2 and sampler.samples[-1].workers >= 1
+            sampler.sample_soon()  # the same processes (persistent workers): nothing new to read
+            time.sleep(0.3)
+            assert len(sampler.samples) == 2
+        finally:
+            child.kill()
+            child.wait()
+    fast = MemorySampler(interval_s=1e-6)
+    fast.sample()  # a real reading of /proc: far more than 1 µs
+    assert fast.cost_s > 0 and fast.wait_s() == fast.cost_s / MAX_CPU_SHARE > fast.interval_s

@@ -153,8 +153,19 @@ def snapshot(proc: psutil.Process | None = None, device=None) -> Snapshot:
     )
 
 
+# The sampler thread's share of one core, at most: reading /proc/<pid>/smaps_rollup walks the process's page
+# tables (7-12 ms for a process that has imported torch, here), so a job with 4 loader workers spends ~60 ms a
+# sample; at the default 0.5 s that would be 12% of a core taken from training on a 2-core machine.
+MAX_CPU_SHARE = 0.02
+
+
 class MemorySampler:
-    """Samples ``snapshot()`` on a background thread; keeps the series, peaks and the budget."""
+    """Samples ``snapshot()`` on a background thread; keeps the series, peaks and the budget.
+
+    The thread waits ``interval_s`` between samples, or longer when a sample costs more than
+    ``MAX_CPU_SHARE`` of that wait (many processes to read). ``sample_soon()`` asks for a sample without
+    taking it in the caller's thread, taken only if processes appeared since the last such request: the
+    training loop asks when an epoch's workers are first alive, which for persistent workers is once."""
 
     def __init__(self, interval_s: float = 0.5, budget_mb: float | None = None, device=None) -> None:
         if interval_s <= 0:
@@ -163,7 +174,10 @@ class MemorySampler:
         self._proc = psutil.Process()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._soon = threading.Event()
+        self._known: set[int] = set()  # descendants seen by the last sample_soon() request
         self._thread: threading.Thread | None = None
+        self.cost_s = 0.0  # what the last sample took (wall seconds)
         self._epoch: dict[str, float] = {}
         self._drained = 0
         self.samples: list[Snapshot] = []
@@ -172,7 +186,9 @@ class MemorySampler:
         self.exceeded: Snapshot | None = None  # first sample over the budget
 
     def sample(self) -> Snapshot:
+        t0 = time.perf_counter()
         s = snapshot(self._proc, self.device)
+        self.cost_s = time.perf_counter() - t0
         values = s.metrics()
         with self._lock:
             self.samples.append(s)
@@ -208,9 +224,29 @@ class MemorySampler:
             start, self._drained = self._drained, len(self.samples)
             return list(enumerate(self.samples[start:], start))
 
+    def sample_soon(self) -> None:
+        """Have the background thread take a sample now (right away where no thread runs)."""
+        if self._thread is None:
+            self.sample()
+        else:
+            self._soon.set()
+
+    def wait_s(self) -> float:
+        """Seconds the thread waits before its next sample: the interval, or more when sampling is costly."""
+        return max(self.interval_s, self.cost_s / MAX_CPU_SHARE)
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            asked = self._soon.wait(self.wait_s())
+            self._soon.clear()
+            if self._stop.is_set():
+                return
             try:
+                if asked:
+                    pids = {p.pid for p in self._proc.children(recursive=True)}
+                    new, self._known = bool(pids - self._known), pids
+                    if not new:
+                        continue
                 self.sample()
             except Exception:  # never let a failed reading kill the sampler
                 continue
@@ -228,6 +264,7 @@ class MemorySampler:
         """Stop the thread and take a last sample (no-op if never started)."""
         if self._thread is not None:
             self._stop.set()
+            self._soon.set()
             self._thread.join()
             self._thread = None
             self.sample()

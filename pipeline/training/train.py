@@ -115,7 +115,7 @@ def train_pass(net, batches, optimizer, loss_fn, device: torch.device, memory=No
         wait += time.perf_counter() - tw
         if memory is not None:
             if n == 0:
-                memory.sample()  # workers are alive now, however short the epoch
+                memory.sample_soon()  # workers are alive now, however short the epoch (not on this thread)
             memory.check(where)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
