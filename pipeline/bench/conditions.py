@@ -3,7 +3,8 @@
     from pipeline.bench.conditions import Passes
     with Passes(make_loader, cache="cold", memory_limit_mb=512, drop=[export_root]) as passes:
         p = passes.run()          # one full pass: p.samples, p.seconds, p.disk_bytes, p.first_batch_ms,
-                                  # p.samples_per_s (whole pass), p.steady_samples_per_s (after the 1st batch)
+                                  # p.samples_per_s (whole pass), p.steady_samples_per_s (after the
+                                  # start-up: the 1st batch, or each worker's 1st with Passes(workers=N))
     passes.limit_applied_mb, passes.cgroup_peak_mb
 
 - ``cache="warm"``: one loader for every pass, as training iterates it; the bench runs a warm-up pass
@@ -50,6 +51,8 @@ class Pass:
     disk_bytes: int
     first_batch_ms: float
     first_samples: int = 0  # the first batch's
+    startup_ms: float | None = None  # until every worker's first batch (None: the first batch's time)
+    startup_samples: int = 0  # the batches of that start-up
 
     @property
     def samples_per_s(self) -> float:
@@ -59,13 +62,24 @@ class Pass:
     @property
     def steady_samples_per_s(self) -> float:
         """After the first batch: what a pass delivers once started (a long epoch's rate)."""
-        rest = self.seconds - self.first_batch_ms / 1e3
-        return (self.samples - self.first_samples) / rest if rest > 0 else self.samples_per_s
+        if self.startup_ms is None:
+            rest, samples = self.seconds - self.first_batch_ms / 1e3, self.samples - self.first_samples
+        else:
+            rest, samples = self.seconds - self.startup_ms / 1e3, self.samples - self.startup_samples
+        return samples / rest if rest > 0 and samples > 0 else self.samples_per_s
 
 
 class Passes:
-    def __init__(self, make_loader, cache: str = "warm", memory_limit_mb: float | None = None, drop=()):
+    def __init__(
+        self,
+        make_loader,
+        cache: str = "warm",
+        memory_limit_mb: float | None = None,
+        drop=(),
+        workers: int = 0,
+    ):
         self.make_loader, self.cold, self.drop = make_loader, str(cache) == "cold", list(drop)
+        self.startup_batches = max(1, int(workers))  # each worker's first batch is start-up
         self.memory_limit_mb = memory_limit_mb
         self.loader = make_loader()
         self.epoch = 0
@@ -113,11 +127,18 @@ class Passes:
             first = next(it, None)
             first_ms = (time.perf_counter() - t0) * 1e3
             n = len(first[1]) if first is not None else 0
+            startup_ms, startup_n, batches = (first_ms, n, 1) if first is not None else (None, 0, 0)
             for _x, y in it:
                 n += len(y)
+                batches += 1
+                if batches == self.startup_batches:
+                    startup_ms, startup_n = (time.perf_counter() - t0) * 1e3, n
             seconds = time.perf_counter() - t0
+            if batches < self.startup_batches:  # the pass was all start-up
+                startup_ms, startup_n = None, 0
             disk = (disk_read_bytes() or 0) - before
         finally:
             if self.cgroup is not None:
                 self.cgroup.move_out()
-        return Pass(n, seconds, disk, first_ms, len(first[1]) if first is not None else 0)
+        first_n = len(first[1]) if first is not None else 0
+        return Pass(n, seconds, disk, first_ms, first_n, startup_ms, startup_n)

@@ -11,8 +11,9 @@ For the source, every storage format in ``bench.storages`` x num_workers x batch
 prefetch depth x decode threads is exported once (reused from ``paths.data_dir``), then its train-split
 loader (built by pipeline.training.loading exactly as training builds it) is read for one warm-up pass and
 then timed passes (at least ``bench.min_passes`` and ``bench.min_seconds``; rates are medians over
-passes). ``samples_per_s`` is each pass's steady rate, after its first batch (``first_batch_ms`` holds
-the start-up: workers starting, the first read), so a small data set does not make workers look slow;
+passes). ``samples_per_s`` is each pass's steady rate, after its start-up -- the first batch, and with
+workers the first batch of every worker (``first_batch_ms`` holds the first: workers starting, the first
+read) -- so a small data set does not make workers look slow;
 ``pass_samples_per_s`` is the whole pass's. Two baselines run in the same process: the classic per-sample
 ``pt`` format (0 workers, no
 prefetch, same batch size) and ``numpy_ram``, a plain gather of the same kind of batches from an
@@ -211,7 +212,7 @@ def run_bench(cfg: DictConfig, tr: TrackedRun | None = None) -> list[dict]:
 
             row = {"storage": name, "num_workers": workers, "batch_size": batch_size, "prefetch": prefetch}
             row["decode_threads"] = threads
-            with Passes(make, b.cache, b.memory_limit_mb, drop=[exp.root]) as passes:
+            with Passes(make, b.cache, b.memory_limit_mb, drop=[exp.root], workers=workers) as passes:
                 row.update(measure(passes, rams[batch_size], b, held_mb, stored))
             row["memory_limit_mb"] = passes.limit_applied_mb
             row["cgroup_peak_mb"] = passes.cgroup_peak_mb
