@@ -154,3 +154,14 @@ def test_spawned_workers_share_the_rings_and_buffers(tmp_path):
     loader = _loader(ds, num_workers=1, multiprocessing_context="spawn")
     assert _same(_epochs(loader, 1), ref)
     loader.close()
+
+
+def test_decode_threads_split_a_batch_only_where_reading_a_sample_is_work(tmp_path):
+    """A gather of fixed-size rows is read in one piece (threads would cost more than they share); decoded
+    records, per-sample files and a per-sample transform are split over the threads."""
+    from pipeline.training.handoff.assemble import Assembler
+
+    for name, split in (("memmap", False), ("shards", False), ("encoded", True), ("pt", True)):
+        ds, _, _ = _dataset(tmp_path, name)
+        assert Assembler(ds, threads=3).threads == (3 if split else 1), name
+        assert Assembler(ds, transform=Augment(flip=True, padding=1), threads=3).threads == 3, name

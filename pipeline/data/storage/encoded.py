@@ -331,6 +331,7 @@ def _array(path: Path, n: int, kinds: str) -> np.ndarray:
 
 class Dataset(ShardedDataset):
     NAME = "encoded"
+    per_sample_work = True  # each record decoded
 
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None, files=None) -> None:
         super().__init__(spec, labels, ids)

@@ -101,6 +101,7 @@ class PerSampleWriter(Writer):
 
 class PerSampleDataset(BatchedDataset):
     ext = ""
+    per_sample_work = True  # a file opened and read per sample
 
     def __init__(self, root: Path, spec, labels: np.ndarray, ids: np.ndarray, cfg=None) -> None:
         super().__init__(spec, labels, ids)

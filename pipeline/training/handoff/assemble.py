@@ -6,13 +6,14 @@ transforms -- in whichever process reads the batch (the main process, or a DataL
     x, y = asm.empty(len(request))            # or a slot's arrays (slots.py)
     asm.fill(request, x, y)                   # x: (n, *asm.shape) of asm.dtype; y: (n,) int64
 
-With ``threads`` > 1 the batch is cut into that many contiguous parts (``request.part(a, b)``), each read
+With ``threads`` > 1, where the dataset does work per sample (``per_sample_work``: encoded, pt, npy) or a per-
+sample transform runs, the batch is cut into that many contiguous parts (``request.part(a, b)``), each read
 (``dataset.read_into``: copies, decodes) and transformed by one thread of a pool this process keeps: the
-decoders (imagecodecs, Pillow), numpy's copies and Pillow's resize release the GIL, so the parts proceed
-side by side on as many cores. ``dataset.release(request)`` follows once every part is read. A transform
-reads each sample from a staging array of the stored shape (one per thread, reused) into the batch; its
-draws are the sample's own (pipeline/training/transforms.py: ``uniforms``), so neither the thread count nor
-the worker count changes a batch, bit for bit.
+decoders (imagecodecs, Pillow), numpy's copies and Pillow's resize release the GIL, so the parts proceed side
+by side on as many cores. ``dataset.release(request)`` follows once every part is read. A transform reads each
+sample from a staging array of the stored shape (one per thread, reused) into the batch; its draws are the
+sample's own (pipeline/training/transforms.py: ``uniforms``), so neither the thread count nor the worker count
+changes a batch, bit for bit.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class Assembler:
 
     def __init__(self, dataset, transform=None, seed: int = 0, threads: int = 0) -> None:
         self.dataset, self.transform, self.seed = dataset, transform, int(seed)
-        self.threads = max(1, int(threads))
+        # threads only where they share work: decoding or file reads per sample, or a per-sample transform
+        share = dataset.per_sample_work or transform is not None
+        self.threads = max(1, int(threads)) if share else 1
         spec = dataset.spec
         self.stored = tuple(spec.shape)
         self.shape = transform.output_shape(self.stored) if transform is not None else self.stored
