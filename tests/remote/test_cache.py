@@ -183,3 +183,32 @@ def test_a_cache_filled_before_a_restart_starts_empty(s3, tmp_path):
     with ObjectCache(s3.store, tmp_path / "c", 10 * MIB) as cache:
         assert cache.cached_bytes() == 0  # unsynced pages may have been lost: nothing is trusted
         assert sha256_file(cache.fetch(*items[0])) == items[0][2]
+
+
+def test_a_prefetch_never_evicts_an_object_prefetched_and_not_yet_read(s3, tmp_path):
+    """Prefetched B is older than consumed A; making room for D evicts A, not B (B would be downloaded
+    twice), and B is then read without a second download."""
+    a, b, c, d = _objects(s3, 4, 128 * 1024, seed=3)
+    limit = 3 * max(it[1] for it in (a, b, c, d))
+    with ObjectCache(s3.store, tmp_path / "c", limit, threads=1) as cache:
+        objects = tmp_path / "c" / "objects"
+
+        def arrived(item, timeout=20.0) -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if (objects / cache.name_of(item[0], item[2])).exists():
+                    return True
+                time.sleep(0.01)
+            return False
+
+        cache.fetch(*a)
+        cache.prefetch([b])
+        assert arrived(b)
+        time.sleep(0.05)  # A's release is then newer than B's download: plain LRU would evict B first
+        cache.release(a[0])
+        cache.prefetch([c, d])
+        assert arrived(c) and arrived(d)
+        assert not (objects / cache.name_of(a[0], a[2])).exists()  # the consumed object made the room
+        assert sha256_file(cache.fetch(*b)) == b[2]
+        assert cache.stats().remote_bytes == sum(it[1] for it in (a, b, c, d))  # nothing downloaded twice
+        assert cache.cached_bytes() <= limit

@@ -32,8 +32,9 @@ Rules, and why they hold with several processes (DataLoader workers, torchrun ra
   never needs a second object over the limit. When the limit is below one object the cache holds exactly
   one at a time, and says so once in the log.
 - Only what is being read is pinned: ``fetch`` pins (until ``release``); a prefetched object is an
-  ordinary cached object until it is fetched -- evicted after every older unpinned object if room is
-  needed (then fetched again), never able to hold room another process waits for.
+  unpinned object until it is fetched, never able to hold room another process waits for. Its own process
+  evicts it last (after every consumed object, whatever their age) and never to make room for another
+  prefetch, which would only download it twice; a fetch that finds no other room still may.
 - No deadlock: nobody holds an object's lock while waiting for room, so a process waiting for an object
   another process downloads waits only for that download. A fetch that finds no room waits for other
   processes to release what they pin, for at most ``wait_timeout_s`` (then CacheError naming the limit
@@ -474,12 +475,17 @@ class ObjectCache:
             own_partial=own,
         )
 
-    def _evict(self, view: _View, need: int) -> None:
-        """Remove unpinned objects, least recently used first, until ``need`` more bytes fit the limit."""
-        for name, (size, _) in sorted(view.objects.items(), key=lambda kv: kv[1][1]):
+    def _evict(self, view: _View, need: int, foreground: bool = True) -> None:
+        """Remove unpinned objects, least recently used first, until ``need`` more bytes fit the limit.
+        Objects this process prefetched and has not fetched yet go last, and never to make room for another
+        prefetch: evicted, they would be downloaded twice."""
+        with self._mutex:
+            ahead = set(self._prefetched)
+        order = sorted(view.objects.items(), key=lambda kv: (kv[0] in ahead, kv[1][1]))
+        for name, (size, _) in order:
             if view.total + need <= self.limit:
                 return
-            if name in view.pinned:
+            if name in view.pinned or (name in ahead and not foreground):
                 continue
             lock = fsio.Lock(self.folder / "locks" / f"{name}.lock")
             if not lock.acquire():  # someone is looking at it right now
@@ -496,7 +502,7 @@ class ObjectCache:
         when there is no room now. CacheError when a fetch could only ever be helped by this process."""
         with fsio.locked(self.folder / "cache.lock"):
             view = self._scan()
-            self._evict(view, size)
+            self._evict(view, size, foreground)
             if view.total + size <= self.limit or view.total <= self.limit:
                 if size > self.limit and not self._said_small:
                     self._said_small = True
