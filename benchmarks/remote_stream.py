@@ -37,6 +37,9 @@ LITDATA = r"""
 import json, os, sys, time, tempfile
 import numpy as np
 from litdata import StreamingDataset, StreamingDataLoader, optimize
+import litdata.streaming.downloader as _dl
+# LitData's obstore client refuses plain http (its client options lack allow_http); s3rver here is http
+_dl._OBSTORE_CLIENT_OPTIONS = {**_dl._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
 
 n, out, endpoint = int(sys.argv[1]), sys.argv[2], os.environ["AWS_ENDPOINT_URL"]
 opts = {"endpoint_url": endpoint}
