@@ -261,7 +261,7 @@ MEMORY_FIGURES = {
     "cuda_allocated_mb": ("CUDA MB", "MiB", "torch.cuda.memory_allocated (CUDA devices only)"),
     "cuda_reserved_mb": ("CUDA reserved MB", "MiB", "torch.cuda.memory_reserved (CUDA devices only)"),
 }
-# figures whose maximum is meaningful: pipeline.system.memory.PEAK_KEYS
+# figures whose maximum is meaningful (pipeline.system.memory keeps the peaks of these)
 PEAK_FIGURES = (
     "used_mb",
     "mapped_file_mb",

@@ -83,7 +83,7 @@ def test_memory_families_are_the_sampler_figures():
 
     figures = [f.name for f in dataclasses.fields(Snapshot) if f.name != "t"]
     assert list(metrics.MEMORY_FIGURES) == figures
-    assert metrics.PEAK_FIGURES == PEAK_KEYS
+    assert set(PEAK_KEYS) <= set(figures)  # every peak is a figure the sampler reads
     for fig in figures:
         assert metrics.get(f"memory/{fig}").logged is Logged.SERIES
     for fig in PEAK_KEYS:

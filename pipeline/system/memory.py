@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from pipeline.metrics import PEAK_FIGURES
+
 MB = 1024 * 1024
 _FIELDS = {
     "Pss_Anon:": "anon",
@@ -33,7 +35,9 @@ _FIELDS = {
     "Private_Dirty:": "private",
     "Private_Hugetlb:": "private",
 }
-# figures whose maximum over the run is meaningful (system_available_mb is tracked as a minimum)
+# figures whose maximum over the run is meaningful (system_available_mb is tracked as a minimum): the
+# metric registry's list, defined once there
+PEAK_KEYS = PEAK_FIGURES
 PEAK_KEYS = (
     "used_mb",
     "mapped_file_mb",
