@@ -14,9 +14,6 @@ from pipeline.runs.listing import main as runs_main
 from tests.conftest import copy_store, run_cli, run_command, sqlite_uri
 from tests.test_sweep import _check_report, _sweep_dir
 
-# one worker runs this module under pytest-xdist: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("sweep_2x2")
-
 NAMES = {"bs=32 workers=0", "bs=32 workers=2", "bs=64 workers=0", "bs=64 workers=2"}
 
 
@@ -156,6 +153,7 @@ def test_runs_command_sweep_latest_and_failed(sweep_2x2, capsys):
     assert runs_main(["--sweep", "ffffffff", *uri]) == 2
 
 
+@pytest.mark.slow  # ~10 s; CI runs test_sweep's failed-job sweep (its report too)
 def test_failed_job_fails_the_sweep_parent(tmp_path, capsys):
     proc = run_cli(
         tmp_path,

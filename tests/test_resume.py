@@ -138,7 +138,10 @@ def test_bad_checkpoint_settings_are_refused_by_validate(tmp_path, override, key
         validate(compose_cfg(tmp_path, [override]))
 
 
-@pytest.mark.parametrize("storage", ["memmap", "shards"])
+@pytest.mark.parametrize(
+    "storage",
+    [pytest.param("memmap", marks=pytest.mark.slow), "shards"],  # memmap: ~7 s, the same replay
+)
 def test_resume_replays_the_batch_samplers_of_the_fast_formats(tmp_path, storage):
     """The formats' own batch samplers are epoch-indexed too: resuming at epoch 1 gives epochs 2-3 of a
     straight run, and the shuffle differs from epoch to epoch. memmap runs with transform=flip_crop: the

@@ -23,9 +23,6 @@ from pipeline.data.remote.publish import collect_orphans, open_remote, publish, 
 from pipeline.data.remote.store import MIB, sha256_file
 from pipeline.data.remote.urls import parse_location
 
-# one worker runs this module under pytest-xdist: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("remote_publish")
-
 REPO = Path(__file__).resolve().parents[2]
 SRC = dict(
     name="synthetic",
