@@ -110,7 +110,9 @@ def copy_store(template: Path, root: Path) -> Path:
 
 
 def compose_cfg(root: Path, overrides: list[str] = ()):
-    """Compose conf/config.yaml like the CLI does, with paths under ``root``."""
+    """Compose conf/config.yaml like the CLI does, with paths under ``root``. The final model is not logged
+    to MLflow unless a test asks (``tracking.log_model=true``): it costs about 1.5 s a job, and
+    tests/test_logged_model.py checks it."""
     import pipeline.config
 
     pipeline.config.register()
@@ -118,7 +120,12 @@ def compose_cfg(root: Path, overrides: list[str] = ()):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
             config_name="config",
-            overrides=[f"paths.root={root}", f"paths.output_dir={root}/run", *overrides],
+            overrides=[
+                f"paths.root={root}",
+                f"paths.output_dir={root}/run",
+                "tracking.log_model=false",
+                *overrides,
+            ],
         )
 
 

@@ -153,7 +153,7 @@ def test_runs_command_sweep_latest_and_failed(sweep_2x2, capsys):
     assert runs_main(["--sweep", "ffffffff", *uri]) == 2
 
 
-@pytest.mark.slow  # ~10 s; test_sweep's failed-job sweep checks its report too
+@pytest.mark.slow  # ~10 s; CI runs test_sweep's failed-job sweep (its report too)
 def test_failed_job_fails_the_sweep_parent(tmp_path, capsys):
     proc = run_cli(
         tmp_path,
