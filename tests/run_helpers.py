@@ -45,3 +45,19 @@ def histories(root: Path, run_id: str, keys=COMPARED) -> dict[str, list[tuple[in
     """Per-epoch history of each metric: [(step, value), ...] sorted by step."""
     c = client(root)
     return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in keys}
+
+
+def epochs(loader, n: int = 2) -> list[list[tuple]]:
+    """``n`` epochs of ``loader`` as lists of cloned ``(x, y)`` batches."""
+    return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
+
+
+def same_batches(a, b) -> bool:
+    """Two ``epochs()`` results hold the same batches, bit for bit, in the same order."""
+    import torch
+
+    return len(a) == len(b) and all(
+        len(ea) == len(eb)
+        and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(ea, eb))
+        for ea, eb in zip(a, b)
+    )

@@ -17,6 +17,7 @@ from pipeline.data.storage import formats, get_format
 from pipeline.training.handoff.slots import FREE, HANDED, SlotRings
 from pipeline.training.loading import build_loader
 from pipeline.training.transforms import Augment
+from tests.run_helpers import epochs, same_batches
 from tests.test_storage_formats import STORAGE_CFG, random_data, write_format
 
 CPU = torch.device("cpu")
@@ -39,18 +40,6 @@ def _loader(ds, transform=None, **kw):
     return build_loader(ds, cfg, seed=11, train=True, device=CPU, transform=transform)
 
 
-def _epochs(loader, n: int = 2):
-    return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
-
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(
-        len(ea) == len(eb)
-        and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(ea, eb))
-        for ea, eb in zip(a, b)
-    )
-
-
 CASES = [
     (name, None) for name in sorted(formats()) if name in STORAGE_CFG and name not in ("shards", "encoded")
 ]
@@ -63,7 +52,7 @@ def test_every_format_gives_the_same_batches_for_any_workers_and_decode_threads(
     thread, for 1, 2 and 4 workers, decode threads, and both together."""
     ds, _, _ = _dataset(tmp_path, name, buffers)
     aug = Augment(flip=True, padding=1)
-    ref = _epochs(_loader(ds, aug))
+    ref = epochs(_loader(ds, aug))
     assert sum(len(y) for _, y in ref[0]) == len(ds)
     for kw in (
         dict(num_workers=1),
@@ -73,7 +62,7 @@ def test_every_format_gives_the_same_batches_for_any_workers_and_decode_threads(
         dict(num_workers=2, decode_threads=2),
     ):
         loader = _loader(ds, aug, **kw)
-        assert _same(_epochs(loader), ref), kw
+        assert same_batches(epochs(loader), ref), kw
         loader.close()
 
 
@@ -81,14 +70,14 @@ def test_kept_batches_are_never_overwritten_and_a_full_ring_falls_back(tmp_path,
     """A training loop that keeps every batch (and views of them) holds every slot: the workers must not
     reuse one, so they hand the later batches over the stock way (said once) -- all batches stay intact."""
     ds, _, _ = _dataset(tmp_path, "shards", "mapped")
-    ref = _epochs(_loader(ds))
+    ref = epochs(_loader(ds))
     loader = _loader(ds, num_workers=2, prefetch_factor=1)
     with caplog.at_level(logging.WARNING, logger="pipeline.training.handoff.slots"):
         kept = []
         for _ in range(2):
             kept.append([(x, y, x[1:3]) for x, y in loader])  # tensors and views, never copied
             gc.collect()
-    assert _same([[(x, y) for x, y, _ in e] for e in kept], ref)
+    assert same_batches([[(x, y) for x, y, _ in e] for e in kept], ref)
     assert all(torch.equal(v, x[1:3]) for e in kept for x, _, v in e)
     assert loader.rings._fallbacks > 0
     assert sum("every slot of its ring in use" in r.getMessage() for r in caplog.records) == 1
@@ -134,15 +123,15 @@ def test_a_worker_error_is_raised_with_its_type_naming_the_sample(tmp_path):
 @pytest.mark.parametrize("persistent", [False, True])
 def test_a_pass_left_early_leaves_the_next_one_whole(tmp_path, persistent):
     ds, _, _ = _dataset(tmp_path, "shards", "memory")
-    ref = _epochs(_loader(ds), 3)
+    ref = epochs(_loader(ds), 3)
     loader = _loader(ds, num_workers=2, persistent_workers=persistent)
     first = []
     for k, (x, y) in enumerate(loader):
         first.append((x.clone(), y.clone()))
         if k == 1:
             break
-    assert _same([first], [ref[0][:2]])
-    assert _same(_epochs(loader, 2), ref[1:])  # epochs advance as passes start, as for 0 workers
+    assert same_batches([first], [ref[0][:2]])
+    assert same_batches(epochs(loader, 2), ref[1:])  # epochs advance as passes start, as for 0 workers
     loader.close()
 
 
@@ -150,9 +139,9 @@ def test_spawned_workers_share_the_rings_and_buffers(tmp_path):
     """With ``multiprocessing_context=spawn`` the workers get the slots and shards' shared buffers through
     torch's shared-memory pickling, not by inheritance: still the same batches."""
     ds, _, _ = _dataset(tmp_path, "shards", "memory")
-    ref = _epochs(_loader(ds), 1)
+    ref = epochs(_loader(ds), 1)
     loader = _loader(ds, num_workers=1, multiprocessing_context="spawn")
-    assert _same(_epochs(loader, 1), ref)
+    assert same_batches(epochs(loader, 1), ref)
     loader.close()
 
 

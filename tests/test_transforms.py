@@ -26,6 +26,7 @@ from pipeline.training.transforms import (
     uniforms,
 )
 from tests.conftest import compose_cfg
+from tests.run_helpers import epochs, same_batches
 
 
 def reference(img: np.ndarray, flip: bool, top: int, left: int, padding: int) -> np.ndarray:
@@ -120,18 +121,6 @@ def _export(tmp_path, n=60, shape=(6, 5), dtype="uint8", storage=None):
     return exp, exp.dataset(ids, OmegaConf.create(storage))
 
 
-def _epochs(loader, n: int):
-    return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
-
-
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(
-        len(ea) == len(eb)
-        and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(ea, eb))
-        for ea, eb in zip(a, b)
-    )
-
-
 @pytest.mark.parametrize("buffers", ["memory", "mapped"])
 def test_batches_are_augmented_alike_for_any_workers_threads_or_prefetch(tmp_path, buffers):
     exp, ds = _export(
@@ -144,7 +133,7 @@ def test_batches_are_augmented_alike_for_any_workers_threads_or_prefetch(tmp_pat
         cfg = OmegaConf.structured(LoaderConfig(batch_size=8, pin_memory="false", **kw))
         return build_loader(ds, cfg, seed=3, train=True, device=cpu, transform=aug)
 
-    ref = _epochs(loader(), 3)
+    ref = epochs(loader(), 3)
     assert not torch.equal(ref[0][0][0], ref[1][0][0])  # epochs differ (shuffle and draws)
     for kw in (
         dict(num_workers=2),
@@ -152,10 +141,10 @@ def test_batches_are_augmented_alike_for_any_workers_threads_or_prefetch(tmp_pat
         dict(num_workers=1, decode_threads=2),
         dict(thread_prefetch=2, num_workers=2, persistent_workers=True),
     ):
-        assert _same(_epochs(loader(**kw), 3), ref), kw
+        assert same_batches(epochs(loader(**kw), 3), ref), kw
     replay = loader()
     replay.set_epoch(2)
-    assert _same(_epochs(replay, 1), ref[2:])
+    assert same_batches(epochs(replay, 1), ref[2:])
     val = build_loader(ds, OmegaConf.structured(LoaderConfig(batch_size=8)), seed=3, train=False, device=cpu)
     x, y = next(iter(val))
     first = np.argsort(ds.slot)[:8]  # unshuffled shards: file order
